@@ -1,0 +1,498 @@
+"""The one `Config`: loaded from a TOML file, validated, frozen.
+
+Every local mistake stops the start with one line that names the file, the key and the fix
+(`ConfigError.__str__`). Remote input never comes through here.
+
+Timing fields (seconds; see docs/configuration.md for the trade-offs):
+
+- ``heartbeat_interval``: how often a node multicasts its signed heartbeat. Lower detects
+  failure sooner and costs N*N/interval datagrams per second across the cluster.
+- ``dead_after``: a peer with no valid heartbeat for this long is lost and its addresses move.
+  Failover outage ~= dead_after + one heartbeat_interval/2 + claim time. Keep it >= 7 heartbeat
+  intervals so that 20% random loss almost never loses a live peer (0.2**7 ~ 1.3e-5 per window).
+- ``startup_wait``: a starting node listens this long before it takes any address, so it learns
+  the running members first instead of grabbing the whole pool. Default: dead_after.
+- ``handover_timeout``: make-before-break bound. When a group moves away from a live node
+  (graceful stop, join, rebalance) the old holder keeps it until the new owner's heartbeat
+  shows it holds the group, or this long at most.
+- ``reconcile_interval``: how often the kernel's addresses are compared with the desired set.
+- ``freshness_window``: a heartbeat whose send time differs from ours by more than this is
+  rejected as stale (replay defence across restarts). Needs clocks synchronised (NTP).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+#: Wire limits: the heartbeat's held-groups bitmap must fit one datagram.
+MAX_POOL_GROUPS = 4096
+MAX_ROSTER = 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,14}$")
+PUBLIC_KEY_PREFIX = "ed25519:"
+
+
+class ConfigError(Exception):
+    """A local configuration mistake: names the file, the key and the fix."""
+
+    def __init__(self, path: Path | str, key: str, problem: str, fix: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"config error: {self.path}: {self.key}: {self.problem}; {self.fix}"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Failure-detection and housekeeping timing, in seconds (see module docstring)."""
+
+    heartbeat_interval: float
+    dead_after: float
+    startup_wait: float
+    handover_timeout: float
+    reconcile_interval: float
+    freshness_window: float
+
+
+#: Named timing profiles. ``lan``: failover ~0.8 s, survives 20% loss; ``fast``: ~0.2 s on a
+#: quiet, uncongested segment, at 50 heartbeats/s per node.
+PROFILES: dict[str, Timing] = {
+    "lan": Timing(
+        heartbeat_interval=0.1,
+        dead_after=0.75,
+        startup_wait=0.75,
+        handover_timeout=2.0,
+        reconcile_interval=2.0,
+        freshness_window=30.0,
+    ),
+    "fast": Timing(
+        heartbeat_interval=0.02,
+        dead_after=0.15,
+        startup_wait=0.3,
+        handover_timeout=1.0,
+        reconcile_interval=1.0,
+        freshness_window=30.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    """A roster entry: a node that may ever be a member. Identity is the name."""
+
+    name: str
+    public_keys: tuple[bytes, ...]
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class PoolGroup:
+    """Addresses that always move together (Wackamole's virtual interface)."""
+
+    name: str
+    interface: str
+    addresses: tuple[IPInterface, ...]
+
+
+@dataclass(frozen=True)
+class Announce:
+    """When to send gratuitous ARP / unsolicited NA after a claim (offsets in seconds)."""
+
+    schedule: tuple[float, ...] = (0.0, 0.05, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    node: str
+    private_key_file: Path
+    state_dir: Path | None
+    cluster: str
+    multicast_group: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    interface: str
+    timing: Timing
+    roster: tuple[Member, ...]
+    #: Sorted by group name: a group's index here is its index on the wire.
+    pool: tuple[PoolGroup, ...]
+    control_socket: Path
+    control_mode: int
+    control_group: str | None
+    log_level: str
+    log_format: str
+    announce: Announce = field(default_factory=Announce)
+
+    def member(self, name: str) -> Member | None:
+        for m in self.roster:
+            if m.name == name:
+                return m
+        return None
+
+    @property
+    def digest(self) -> bytes:
+        """8-byte digest of what must match across nodes: cluster, roster and pool.
+
+        Interface names are left out on purpose: they may differ between machines.
+        """
+        h = hashlib.sha256(b"vipd-config-v1\0")
+        h.update(self.cluster.encode() + b"\0")
+        for m in sorted(self.roster, key=lambda m: m.name):
+            h.update(f"member {m.name} {m.weight}".encode())
+            for k in sorted(m.public_keys):
+                h.update(b" " + k.hex().encode())
+            h.update(b"\n")
+        for g in self.pool:
+            addrs = " ".join(sorted(str(a) for a in g.addresses))
+            h.update(f"group {g.name} {addrs}\n".encode())
+        return h.digest()[:8]
+
+
+# --- loading -----------------------------------------------------------------------------
+
+_SECTIONS: dict[str, frozenset[str]] = {
+    "node": frozenset({"name", "private_key_file", "state_dir"}),
+    "cluster": frozenset({"name", "multicast_group", "port", "interface"}),
+    "timing": frozenset({"profile", *Timing.__dataclass_fields__}),
+    "control": frozenset({"socket", "mode", "group"}),
+    "log": frozenset({"level", "format"}),
+    "announce": frozenset({"schedule"}),
+}
+_ROSTER_KEYS = frozenset({"name", "public_keys", "weight"})
+_POOL_KEYS = frozenset({"name", "interface", "addresses"})
+_TOP_KEYS = frozenset({*_SECTIONS, "roster", "pool"})
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("auto", "json", "console")
+
+
+class _Reader:
+    """Typed access to the parsed TOML that turns every mistake into a ConfigError."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(self.path, key, problem, fix)
+
+    def table(self, data: Mapping[str, Any], key: str, allowed: frozenset[str]) -> dict[str, Any]:
+        value = data.get(key.rsplit(".", 1)[-1].split("[")[0], {})
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table", f"write it as [{key}]")
+        self.no_unknown(value, key, allowed)
+        return value
+
+    def no_unknown(self, value: Mapping[str, Any], where: str, allowed: frozenset[str]) -> None:
+        for k in value:
+            if k not in allowed:
+                raise self.fail(
+                    f"{where}.{k}" if where else k,
+                    "unknown key",
+                    f"remove it or use one of: {', '.join(sorted(allowed))}",
+                )
+
+    def string(
+        self, value: Mapping[str, Any], key: str, where: str, default: str | None = None
+    ) -> str:
+        v = value.get(key, default)
+        if v is None:
+            raise self.fail(f"{where}.{key}", "is missing", f'add {key} = "..." to [{where}]')
+        if not isinstance(v, str) or not v:
+            raise self.fail(f"{where}.{key}", f"must be a non-empty string, not {v!r}", "quote it")
+        return v
+
+    def name(self, value: Mapping[str, Any], key: str, where: str) -> str:
+        v = self.string(value, key, where)
+        if not NAME_RE.match(v):
+            raise self.fail(
+                f"{where}.{key}",
+                f"{v!r} is not a valid name",
+                "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        return v
+
+    def ifname(self, value: Mapping[str, Any], key: str, where: str) -> str:
+        v = self.string(value, key, where)
+        if not IFNAME_RE.match(v):
+            raise self.fail(
+                f"{where}.{key}",
+                f"{v!r} is not a valid interface name",
+                "use at most 15 characters",
+            )
+        return v
+
+    def number(self, value: Mapping[str, Any], key: str, where: str, default: float) -> float:
+        v = value.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise self.fail(f"{where}.{key}", f"must be a positive number, not {v!r}", "e.g. 0.5")
+        return float(v)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError (one line) on any mistake."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, "-", f"cannot read file ({e.strerror})", "check the path") from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(path, "-", f"not valid TOML ({e})", "fix the syntax") from e
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    r = _Reader(path)
+    r.no_unknown(data, "", _TOP_KEYS)
+
+    node = r.table(data, "node", _SECTIONS["node"])
+    node_name = r.name(node, "name", "node")
+    key_file = Path(r.string(node, "private_key_file", "node"))
+    if not key_file.is_absolute():
+        key_file = path.parent / key_file
+    state_dir = Path(node["state_dir"]) if "state_dir" in node else None
+    if state_dir is not None and not state_dir.is_absolute():
+        state_dir = path.parent / state_dir
+
+    cluster = r.table(data, "cluster", _SECTIONS["cluster"])
+    cluster_name = r.name(cluster, "name", "cluster")
+    group_text = r.string(cluster, "multicast_group", "cluster", "239.192.77.1")
+    try:
+        group = ipaddress.ip_address(group_text)
+    except ValueError as e:
+        raise r.fail(
+            "cluster.multicast_group", f"{group_text!r} is not an address", "e.g. 239.192.77.1"
+        ) from e
+    if not group.is_multicast:
+        raise r.fail(
+            "cluster.multicast_group",
+            f"{group} is not a multicast address",
+            "use an administratively scoped group such as 239.192.77.1",
+        )
+    port = cluster.get("port", 7710)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise r.fail("cluster.port", f"{port!r} is not a UDP port", "use 1-65535, e.g. 7710")
+    interface = r.ifname(cluster, "interface", "cluster")
+
+    timing = _parse_timing(r, r.table(data, "timing", _SECTIONS["timing"]))
+    roster = _parse_roster(r, data.get("roster"))
+    if not any(m.name == node_name for m in roster):
+        raise r.fail(
+            "node.name",
+            f"this node {node_name!r} is not in the roster",
+            "add a [[roster]] entry for it (vipctl keygen prints one)",
+        )
+    pool = _parse_pool(r, data.get("pool", []))
+
+    control = r.table(data, "control", _SECTIONS["control"])
+    socket_path = Path(r.string(control, "socket", "control", "/run/vipd/vipd.sock"))
+    mode_text = control.get("mode", "0660")
+    try:
+        mode = int(mode_text, 8) if isinstance(mode_text, str) else -1
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or mode & 0o007:
+        raise r.fail(
+            "control.mode",
+            f"{mode_text!r} is not an octal mode closed to others",
+            'use a quoted octal string such as "0660" or "0600"',
+        )
+    control_group = r.string(control, "group", "control") if "group" in control else None
+
+    log = r.table(data, "log", _SECTIONS["log"])
+    level = r.string(log, "level", "log", "info")
+    if level not in _LOG_LEVELS:
+        raise r.fail(
+            "log.level", f"{level!r} is not a level", f"use one of {', '.join(_LOG_LEVELS)}"
+        )
+    fmt = r.string(log, "format", "log", "auto")
+    if fmt not in _LOG_FORMATS:
+        raise r.fail(
+            "log.format", f"{fmt!r} is not a format", f"use one of {', '.join(_LOG_FORMATS)}"
+        )
+
+    announce = _parse_announce(r, r.table(data, "announce", _SECTIONS["announce"]))
+
+    return Config(
+        path=path,
+        node=node_name,
+        private_key_file=key_file,
+        state_dir=state_dir,
+        cluster=cluster_name,
+        multicast_group=group,
+        port=port,
+        interface=interface,
+        timing=timing,
+        roster=roster,
+        pool=pool,
+        control_socket=socket_path,
+        control_mode=mode,
+        control_group=control_group,
+        log_level=level,
+        log_format=fmt,
+        announce=announce,
+    )
+
+
+def _parse_timing(r: _Reader, t: Mapping[str, Any]) -> Timing:
+    profile = r.string(t, "profile", "timing", "lan")
+    if profile not in PROFILES:
+        raise r.fail(
+            "timing.profile", f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}"
+        )
+    base = PROFILES[profile]
+    values = {f: r.number(t, f, "timing", getattr(base, f)) for f in Timing.__dataclass_fields__}
+    # startup_wait follows dead_after unless set: a newcomer must hear the members first.
+    if "startup_wait" not in t and "dead_after" in t:
+        values["startup_wait"] = values["dead_after"]
+    timing = replace(base, **values)
+    if timing.dead_after < 3 * timing.heartbeat_interval:
+        raise r.fail(
+            "timing.dead_after",
+            f"{timing.dead_after} s is under 3 heartbeat intervals ({timing.heartbeat_interval} s):"
+            " one lost datagram would fail a live peer",
+            "use at least 7 x heartbeat_interval",
+        )
+    if timing.freshness_window < 2 * timing.dead_after:
+        raise r.fail(
+            "timing.freshness_window",
+            "is shorter than 2 x dead_after",
+            "use at least 30 s (clocks must agree within half of it)",
+        )
+    return timing
+
+
+def parse_public_key(text: str) -> bytes:
+    """`ed25519:<base64 of the 32 raw bytes>` -> raw bytes. Raises ValueError."""
+    if not text.startswith(PUBLIC_KEY_PREFIX):
+        raise ValueError(f"must start with {PUBLIC_KEY_PREFIX!r}")
+    try:
+        raw = base64.b64decode(text[len(PUBLIC_KEY_PREFIX) :], validate=True)
+    except ValueError as e:
+        raise ValueError("is not valid base64") from e
+    if len(raw) != 32:
+        raise ValueError(f"decodes to {len(raw)} bytes, an Ed25519 key has 32")
+    return raw
+
+
+def format_public_key(raw: bytes) -> str:
+    return PUBLIC_KEY_PREFIX + base64.b64encode(raw).decode()
+
+
+def _parse_roster(r: _Reader, roster: Any) -> tuple[Member, ...]:
+    if not isinstance(roster, list) or not roster:
+        raise r.fail("roster", "is missing or empty", "add one [[roster]] table per node")
+    if len(roster) > MAX_ROSTER:
+        raise r.fail("roster", f"has {len(roster)} entries", f"at most {MAX_ROSTER} are supported")
+    members: list[Member] = []
+    seen_keys: dict[bytes, str] = {}
+    for i, entry in enumerate(roster):
+        where = f"roster[{i}]"
+        if not isinstance(entry, dict):
+            raise r.fail(where, "must be a table", "write it as [[roster]]")
+        r.no_unknown(entry, where, _ROSTER_KEYS)
+        name = r.name(entry, "name", where)
+        if any(m.name == name for m in members):
+            raise r.fail(
+                f"{where}.name", f"duplicate node name {name!r}", "give every node its own name"
+            )
+        keys_text = entry.get("public_keys")
+        if not isinstance(keys_text, list) or not keys_text:
+            raise r.fail(
+                f"{where}.public_keys", "is missing or empty", 'add public_keys = ["ed25519:..."]'
+            )
+        keys: list[bytes] = []
+        for j, k in enumerate(keys_text):
+            try:
+                if not isinstance(k, str):
+                    raise ValueError("must be a string")
+                raw = parse_public_key(k)
+            except ValueError as e:
+                raise r.fail(
+                    f"{where}.public_keys[{j}]", str(e), "paste the line printed by vipctl keygen"
+                ) from e
+            if raw in seen_keys:
+                raise r.fail(
+                    f"{where}.public_keys[{j}]",
+                    f"key also listed for {seen_keys[raw]!r}",
+                    "every node needs its own key pair",
+                )
+            seen_keys[raw] = name
+            keys.append(raw)
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
+            raise r.fail(f"{where}.weight", f"{weight!r} is not a weight", "use an integer 1-1000")
+        members.append(Member(name=name, public_keys=tuple(keys), weight=weight))
+    return tuple(members)
+
+
+def _parse_pool(r: _Reader, pool: Any) -> tuple[PoolGroup, ...]:
+    if not isinstance(pool, list):
+        raise r.fail("pool", "must be an array of tables", "write each entry as [[pool]]")
+    if len(pool) > MAX_POOL_GROUPS:
+        raise r.fail(
+            "pool", f"has {len(pool)} groups", f"at most {MAX_POOL_GROUPS} fit a heartbeat"
+        )
+    groups: list[PoolGroup] = []
+    owner_of: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for i, entry in enumerate(pool):
+        where = f"pool[{i}]"
+        if not isinstance(entry, dict):
+            raise r.fail(where, "must be a table", "write it as [[pool]]")
+        r.no_unknown(entry, where, _POOL_KEYS)
+        name = r.name(entry, "name", where)
+        if any(g.name == name for g in groups):
+            raise r.fail(f"{where}.name", f"duplicate group name {name!r}", "name every group once")
+        iface = r.ifname(entry, "interface", where)
+        addrs_text = entry.get("addresses")
+        if not isinstance(addrs_text, list) or not addrs_text:
+            raise r.fail(
+                f"{where}.addresses", "is missing or empty", 'add addresses = ["203.0.113.10/32"]'
+            )
+        addrs: list[IPInterface] = []
+        for j, a in enumerate(addrs_text):
+            key = f"{where}.addresses[{j}]"
+            if not isinstance(a, str) or "/" not in a:
+                raise r.fail(key, f"{a!r} has no prefix length", 'write it as "203.0.113.10/32"')
+            try:
+                iface_addr = ipaddress.ip_interface(a)
+            except ValueError as e:
+                raise r.fail(key, f"{a!r} is not an address", 'e.g. "203.0.113.10/32"') from e
+            ip = iface_addr.ip
+            if ip.is_multicast or ip.is_loopback or ip.is_unspecified or ip.is_link_local:
+                raise r.fail(key, f"{ip} cannot be a service address", "use a unicast address")
+            if ip in owner_of:
+                raise r.fail(key, f"{ip} is already in group {owner_of[ip]!r}", "list it once")
+            owner_of[ip] = name
+            addrs.append(iface_addr)
+        groups.append(PoolGroup(name=name, interface=iface, addresses=tuple(addrs)))
+    return tuple(sorted(groups, key=lambda g: g.name))
+
+
+def _parse_announce(r: _Reader, a: Mapping[str, Any]) -> Announce:
+    schedule = a.get("schedule", list(Announce().schedule))
+    if (
+        not isinstance(schedule, list)
+        or not schedule
+        or len(schedule) > 20
+        or any(isinstance(s, bool) or not isinstance(s, int | float) or s < 0 for s in schedule)
+    ):
+        raise r.fail(
+            "announce.schedule",
+            f"{schedule!r} is not a list of offsets",
+            "use up to 20 non-negative seconds, e.g. [0, 0.05, 1, 2, 5]",
+        )
+    return Announce(schedule=tuple(sorted(float(s) for s in schedule)))

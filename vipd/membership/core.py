@@ -1,0 +1,354 @@
+"""The membership core: sans-IO, driven by `receive`, `handle_timer` and `datagrams_to_send`.
+
+Nothing here opens a socket, reads a clock or draws global randomness: time comes in as
+``now=`` (monotonic seconds) and ``wall=`` (Unix seconds, for send times and freshness), and
+jitter from an injected ``random.Random``. The asyncio shell (`vipd.daemon`) feeds it.
+
+Remote input never raises out of `receive`: a bad datagram becomes a `PacketRejected` event
+and a counter named by its reason. Checks run cheapest first (size, structure, cluster,
+sender, replay window, freshness) so that a flood of junk never costs a signature check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vipd.config import Config
+from vipd.membership import wire
+from vipd.membership.events import (
+    BecameReady,
+    ClockSkew,
+    ConfigMismatch,
+    Event,
+    LoopStalled,
+    MemberJoined,
+    MemberLost,
+    MemberRestarted,
+    MemberStateChanged,
+    PacketRejected,
+    ViewChanged,
+)
+from vipd.membership.states import MONITORED, MemberState, Signal, next_state
+from vipd.membership.wire import DecodeError, Flag, Heartbeat, Reject, Stats
+
+#: How many heartbeats a leaving node sends at once: one lost datagram must not hide it.
+LEAVE_BURST = 3
+
+
+@dataclass
+class Peer:
+    """What we know about one other roster member."""
+
+    name: str
+    public_keys: tuple[bytes, ...]
+    weight: int
+    state: MemberState = MemberState.UNKNOWN
+    incarnation: int = 0
+    seq: int = 0
+    last_heard: float | None = None
+    deadline: float | None = None
+    flags: Flag = Flag.NONE
+    view_digest: bytes = b""
+    config_ok: bool = True
+    held: frozenset[int] = frozenset()
+    stats: Stats | None = None
+    skew: float = 0.0
+    skew_warned: bool = False
+
+
+@dataclass(frozen=True)
+class View:
+    """The members that take part in placement, with their weights."""
+
+    members: tuple[str, ...] = ()
+    weights: tuple[int, ...] = ()
+    digest: bytes = field(default=b"\0" * wire.DIGEST_LEN)
+
+    @property
+    def digest_hex(self) -> str:
+        return self.digest.hex()
+
+    def as_weights(self) -> dict[str, int]:
+        return dict(zip(self.members, self.weights, strict=True))
+
+
+class MembershipCore:
+    def __init__(
+        self,
+        config: Config,
+        key: Ed25519PrivateKey,
+        public_key: bytes,
+        *,
+        incarnation: int,
+        now: float,
+        rng: random.Random,
+    ) -> None:
+        self.config = config
+        self.timing = config.timing
+        self.name = config.node
+        self.incarnation = incarnation
+        self._key = key
+        self._public_key = public_key
+        self._rng = rng
+        self._config_digest = config.digest
+        self._group_count = len(config.pool)
+        me = config.member(config.node)
+        self.weight = me.weight if me is not None else 1
+        self.peers: dict[str, Peer] = {
+            m.name: Peer(name=m.name, public_keys=m.public_keys, weight=m.weight)
+            for m in config.roster
+            if m.name != config.node
+        }
+        self.started = now
+        self.ready = False
+        self.leaving = False
+        self.draining = False
+        self.held: frozenset[int] = frozenset()
+        self.stats: Stats | None = None
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter({r.value: 0 for r in Reject})
+        self.view = View()
+        self._seq = 0
+        self._events: deque[Event] = deque()
+        self._next_heartbeat = now
+        self._pending_burst = 0
+        self._armed: float | None = None
+        self._update_view()
+
+    # --- inputs --------------------------------------------------------------------------
+
+    def receive(self, data: bytes, source: str, *, now: float, wall: float) -> None:
+        """Take one datagram from the network. Never raises for remote input."""
+        sender: str | None = None
+        try:
+            env = wire.parse_envelope(data)
+            sender = env.sender
+            peer = self._admit(env, wall)
+            wire.verify(env, peer.public_keys)
+            hb = wire.decode_body(env)
+        except DecodeError as e:
+            self.rejected[e.reason.value] += 1
+            self._events.append(PacketRejected(e.reason.value, source, sender, e.detail))
+            return
+        self.counters["rx_accepted"] += 1
+        self._apply(peer, hb, now=now, wall=wall)
+
+    def _admit(self, env: wire.Envelope, wall: float) -> Peer:
+        """Cheap checks on an unverified envelope; returns the sender's peer record."""
+        if env.cluster != self.config.cluster:
+            raise DecodeError(Reject.WRONG_CLUSTER, f"cluster {env.cluster!r}")
+        if env.sender == self.name:
+            raise DecodeError(Reject.OWN_NAME, "a datagram claims to be from this node")
+        peer = self.peers.get(env.sender)
+        if peer is None:
+            raise DecodeError(Reject.UNKNOWN_SENDER, f"{env.sender!r} is not in the roster")
+        if (env.incarnation, env.seq) <= (peer.incarnation, peer.seq):
+            raise DecodeError(
+                Reject.REPLAY,
+                f"({env.incarnation}, {env.seq}) not after ({peer.incarnation}, {peer.seq})",
+            )
+        skew = env.send_time_ms / 1000.0 - wall
+        if abs(skew) > self.timing.freshness_window:
+            raise DecodeError(Reject.STALE, f"send time {skew:+.1f} s from ours")
+        return peer
+
+    def _apply(self, peer: Peer, hb: Heartbeat, *, now: float, wall: float) -> None:
+        if peer.incarnation and hb.incarnation > peer.incarnation and peer.state in MONITORED:
+            self._events.append(MemberRestarted(peer.name, peer.incarnation, hb.incarnation))
+        peer.incarnation, peer.seq = hb.incarnation, hb.seq
+        peer.last_heard = now
+        peer.deadline = now + self.timing.dead_after
+        peer.flags = hb.flags
+        peer.view_digest = hb.view_digest
+        peer.stats = hb.stats
+        peer.skew = hb.send_time_ms / 1000.0 - wall
+        if abs(peer.skew) > self.timing.freshness_window / 2 and not peer.skew_warned:
+            peer.skew_warned = True
+            self._events.append(ClockSkew(peer.name, round(peer.skew, 3)))
+
+        config_ok = hb.config_digest == self._config_digest
+        if not config_ok and peer.config_ok:
+            self.counters["config_mismatch"] += 1
+            self._events.append(
+                ConfigMismatch(peer.name, hb.config_digest.hex(), self._config_digest.hex())
+            )
+        peer.config_ok = config_ok
+        # Group indices only mean the same thing when the pools are identical.
+        peer.held = hb.held if config_ok and hb.group_count == self._group_count else frozenset()
+
+        if hb.flags & Flag.LEAVING:
+            signal = Signal.HEARD_LEAVING
+        elif hb.flags & Flag.READY:
+            signal = Signal.HEARD_READY
+        else:
+            signal = Signal.HEARD_JOINING
+        self._transition(peer, signal)
+        self._maybe_ready_early(now)
+        self._update_view()
+
+    def handle_timer(self, *, now: float) -> None:
+        """Run whatever is due: stall detection, peer expiry, the end of the startup wait."""
+        if self._armed is not None and now - self._armed > self.timing.heartbeat_interval:
+            # Our own loop ran late (GC, CPU starvation, suspended VM). Peers' heartbeats may
+            # be sitting unread in the socket: give them a fresh chance instead of failing them.
+            lag = now - self._armed
+            self.counters["loop_stalls"] += 1
+            self._events.append(LoopStalled(round(lag, 3)))
+            grace = now + 2 * self.timing.heartbeat_interval
+            for peer in self.peers.values():
+                if peer.state in MONITORED and peer.deadline is not None:
+                    peer.deadline = max(peer.deadline, grace)
+        for peer in self.peers.values():
+            if peer.state in MONITORED and peer.deadline is not None and peer.deadline <= now:
+                self._transition(peer, Signal.SILENT)
+        if not self.ready and now >= self.started + self.timing.startup_wait:
+            self._become_ready(now)
+        self._update_view()
+
+    def leave(self) -> None:
+        """Graceful stop: announce LEAVING at once and drop out of placement."""
+        if not self.leaving:
+            self.leaving = True
+            self._pending_burst = LEAVE_BURST
+            self._update_view()
+
+    def set_held(self, groups: frozenset[int]) -> None:
+        """Tell the core what this node actually holds; a change is announced at once, so a
+        make-before-break handover completes in one datagram instead of one interval."""
+        if groups != self.held:
+            self.held = groups
+            self._pending_burst = max(self._pending_burst, 1)
+
+    def set_stats(self, stats: Stats) -> None:
+        self.stats = stats
+
+    # --- outputs -------------------------------------------------------------------------
+
+    def get_timer(self) -> float:
+        """The next instant at which `handle_timer` or `datagrams_to_send` has work.
+
+        The shell arms its timer with this value; the core remembers it, so a late
+        `handle_timer` reveals how long the loop itself stalled."""
+        due = [self._next_heartbeat]
+        if not self.ready:
+            due.append(self.started + self.timing.startup_wait)
+        due.extend(
+            p.deadline
+            for p in self.peers.values()
+            if p.state in MONITORED and p.deadline is not None
+        )
+        self._armed = min(due)
+        return self._armed
+
+    def datagrams_to_send(self, *, now: float, wall: float) -> list[bytes]:
+        count = self._pending_burst
+        if now >= self._next_heartbeat:
+            count = max(count, 1)
+        self._pending_burst = 0
+        if not count:
+            return []
+        # Jitter only shortens the period, so dead_after keeps its margin.
+        interval = self.timing.heartbeat_interval
+        self._next_heartbeat = now + interval * (1.0 - 0.1 * self._rng.random())
+        self.counters["tx_heartbeats"] += count
+        return [self._heartbeat(wall) for _ in range(count)]
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    @property
+    def flags(self) -> Flag:
+        if self.leaving:
+            return Flag.LEAVING
+        flags = Flag.READY if self.ready else Flag.JOINING
+        if self.draining:
+            flags |= Flag.DRAINING
+        return flags
+
+    @property
+    def config_digest(self) -> bytes:
+        return self._config_digest
+
+    def holders(self, group: int) -> frozenset[str]:
+        """Peers that currently advertise holding `group` (and are still heard)."""
+        return frozenset(
+            p.name
+            for p in self.peers.values()
+            if group in p.held and p.state in (*MONITORED, MemberState.LEFT)
+        )
+
+    def live_peers(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.peers.values() if p.state in MONITORED)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _heartbeat(self, wall: float) -> bytes:
+        self._seq += 1
+        hb = Heartbeat(
+            cluster=self.config.cluster,
+            sender=self.name,
+            incarnation=self.incarnation,
+            seq=self._seq,
+            send_time_ms=int(wall * 1000),
+            flags=self.flags,
+            view_digest=self.view.digest,
+            config_digest=self._config_digest,
+            group_count=self._group_count,
+            held=self.held,
+            stats=self.stats,
+        )
+        return wire.encode(hb, self._key, self._public_key)
+
+    def _transition(self, peer: Peer, signal: Signal) -> None:
+        old = peer.state
+        new = next_state(old, signal)
+        if new == old:
+            return
+        peer.state = new
+        self._events.append(MemberStateChanged(peer.name, old, new))
+        if new in MONITORED and old not in MONITORED:
+            self._events.append(MemberJoined(peer.name, peer.incarnation))
+        elif new == MemberState.DEAD:
+            self.counters["members_lost"] += 1
+            self._events.append(MemberLost(peer.name, "timeout"))
+        elif new == MemberState.LEFT and old in MONITORED:
+            self._events.append(MemberLost(peer.name, "left"))
+        if new not in MONITORED and new != MemberState.LEFT:
+            peer.held = frozenset()
+
+    def _maybe_ready_early(self, now: float) -> None:
+        """Everyone in the roster has been heard: nothing is left to learn by waiting."""
+        if not self.ready and all(p.state != MemberState.UNKNOWN for p in self.peers.values()):
+            self._become_ready(now)
+
+    def _become_ready(self, now: float) -> None:
+        self.ready = True
+        self._pending_burst = max(self._pending_burst, 1)
+        self._events.append(BecameReady(round(now - self.started, 3)))
+
+    def _update_view(self) -> None:
+        entries: list[tuple[str, int, int]] = []
+        if self.ready and not self.leaving and not self.draining:
+            entries.append((self.name, self.incarnation, self.weight))
+        for p in self.peers.values():
+            if p.state == MemberState.ALIVE and not p.flags & Flag.DRAINING:
+                entries.append((p.name, p.incarnation, p.weight))
+        entries.sort()
+        h = hashlib.sha256(b"vipd-view-v1\0")
+        for name, inc, _ in entries:
+            h.update(f"{name}:{inc}\n".encode())
+        view = View(
+            members=tuple(e[0] for e in entries),
+            weights=tuple(e[2] for e in entries),
+            digest=h.digest()[: wire.DIGEST_LEN],
+        )
+        if view.members != self.view.members:
+            self.view = view
+            self._events.append(ViewChanged(view.members, view.digest_hex))
+        else:
+            self.view = view

@@ -1,0 +1,102 @@
+"""Events the membership core emits: frozen dataclasses named as facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vipd.membership.states import MemberState
+
+
+@dataclass(frozen=True)
+class MemberJoined:
+    """First valid heartbeat from a member that was unknown, dead or gone."""
+
+    name: str
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class MemberRestarted:
+    """A live member came back with a higher incarnation (its daemon restarted)."""
+
+    name: str
+    old_incarnation: int
+    new_incarnation: int
+
+
+@dataclass(frozen=True)
+class MemberStateChanged:
+    name: str
+    old: MemberState
+    new: MemberState
+
+
+@dataclass(frozen=True)
+class MemberLost:
+    """A member stopped counting: `reason` is "timeout" (no heartbeat for dead_after) or
+    "left" (it said it is leaving)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ViewChanged:
+    """The set of members that take part in placement changed."""
+
+    members: tuple[str, ...]
+    digest: str
+
+
+@dataclass(frozen=True)
+class BecameReady:
+    """This node finished listening (startup_wait) and now takes part in placement."""
+
+    waited: float
+
+
+@dataclass(frozen=True)
+class PacketRejected:
+    reason: str
+    source: str
+    sender: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class ConfigMismatch:
+    """A member advertises a different digest of roster + pool than ours."""
+
+    name: str
+    theirs: str
+    ours: str
+
+
+@dataclass(frozen=True)
+class LoopStalled:
+    """Our own timers ran `lag` seconds late; peers' deadlines were extended, not failed."""
+
+    lag: float
+
+
+@dataclass(frozen=True)
+class ClockSkew:
+    """A member's send time differs from our clock by `skew` seconds (more than half the
+    freshness window): fix NTP before its heartbeats start being rejected as stale."""
+
+    name: str
+    skew: float
+
+
+Event = (
+    MemberJoined
+    | MemberRestarted
+    | MemberStateChanged
+    | MemberLost
+    | ViewChanged
+    | BecameReady
+    | PacketRejected
+    | ConfigMismatch
+    | LoopStalled
+    | ClockSkew
+)
