@@ -1,0 +1,5 @@
+import sys
+
+from vipd.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,480 @@
+"""vipd: asyncio wiring around the pure core. No protocol decisions live here.
+
+Inputs (datagrams, timers, signals, control requests, kernel state) are fed to the membership
+core and to the pure placement/handover/plan functions; their outputs (datagrams, address
+claims and releases, announcements) are carried out by the IO adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vipd import systemd
+from vipd.addresses import AddressManager, InterfaceMissing, NetlinkAddressManager
+from vipd.arp.announcer import Announcer, RawAnnouncer
+from vipd.assign import assign
+from vipd.config import Config, ConfigError, IPInterface, format_public_key, load_config
+from vipd.control import Caller, Command, ControlServer
+from vipd.keys import load_private_key, public_key_bytes
+from vipd.log import configure_logging
+from vipd.membership import events as ev
+from vipd.membership.core import MembershipCore
+from vipd.membership.transport import TransportError, open_multicast_socket
+from vipd.netif import mac_address
+from vipd.ratelimit import RateLimitedLog
+from vipd.reconcile import ClaimAddress, HandoverPolicy, ReleaseAddress, plan
+from vipd.state import next_incarnation
+from vipd.stats import StatsCollector
+
+log = structlog.get_logger("vipd")
+
+RECV_BUFFER = 2048  # > wire.MAX_DATAGRAM, so oversized datagrams are seen as such
+MAX_READS_PER_WAKEUP = 64  # a flood must not starve timers
+STATS_INTERVAL = 1.0
+STOP_GRACE = 2.0  # after handover_timeout, how long a stop may still take
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        key: Ed25519PrivateKey,
+        *,
+        addresses: AddressManager,
+        announcer_factory: Callable[[asyncio.AbstractEventLoop], Announcer],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.key = key
+        self.public_key = public_key_bytes(key)
+        self.addresses = addresses
+        self._announcer_factory = announcer_factory
+        self.rng = rng or random.Random()
+        self.pool_index = {g.name: i for i, g in enumerate(config.pool)}
+        self.pool_ips = {a.ip for g in config.pool for a in g.addresses}
+        self.policy = HandoverPolicy(config.node, config.timing.handover_timeout)
+        # What this node holds in the kernel (pool addresses only), by interface.
+        self.actual: dict[str, set[IPInterface]] = {g.interface: set() for g in config.pool}
+        self.target: frozenset[str] = frozenset()
+        self._owners_cache: tuple[tuple[str, ...], dict[str, str | None]] | None = None
+        self._dirty = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop_deadline: float | None = None
+        self._sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rejections = RateLimitedLog(log, interval=10.0)
+        self._send_errors = RateLimitedLog(log, interval=10.0)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        cfg = self.config
+        incarnation = next_incarnation(cfg.state_dir, time.time())
+        self.core = MembershipCore(
+            cfg, self.key, self.public_key, incarnation=incarnation, now=loop.time(), rng=self.rng
+        )
+        self.announcer = self._announcer_factory(loop)
+        log.info(
+            "starting",
+            node=cfg.node,
+            cluster=cfg.cluster,
+            incarnation=incarnation,
+            public_key=format_public_key(self.public_key),
+            groups=len(cfg.pool),
+            heartbeat_interval=cfg.timing.heartbeat_interval,
+            dead_after=cfg.timing.dead_after,
+        )
+        await self._remove_stale()
+        self._sock = open_multicast_socket(cfg.multicast_group, cfg.port, cfg.interface)
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+        self.control = ControlServer(
+            cfg.control_socket,
+            cfg.control_mode,
+            cfg.control_group,
+            {"status": Command(self._cmd_status)},
+        )
+        await self.control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        self._tasks = [
+            loop.create_task(self._apply_loop(), name="apply"),
+            loop.create_task(self._reconcile_loop(), name="reconcile"),
+            loop.create_task(self._stats_loop(), name="stats"),
+        ]
+        systemd.notify("READY=1")
+        self._step()
+        await self._stopped.wait()
+        await self._shutdown()
+        return 0
+
+    def stop(self) -> None:
+        """Graceful stop: tell peers we leave, hand groups over (make-before-break), exit."""
+        if self.core.leaving:
+            return
+        log.info("leaving", held=sorted(self._held_groups()))
+        systemd.notify("STOPPING=1")
+        self.core.leave()
+        self._stop_deadline = self.loop.time() + self.config.timing.handover_timeout + STOP_GRACE
+        self._step()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Anything still held (handover timed out, apply failed) is released now.
+        self.target = frozenset()
+        await self._apply_once()
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        await self.control.close()
+        self.announcer.close()
+        self.addresses.close()
+        log.info("stopped")
+
+    # --- inputs --------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        for _ in range(MAX_READS_PER_WAKEUP):
+            try:
+                data, addr = self._sock.recvfrom(RECV_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._send_errors.warning("receive_failed", key="recv", error=e.strerror)
+                break
+            self.core.receive(data, addr[0], now=self.loop.time(), wall=time.time())
+        self._step()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(now=self.loop.time())
+        self._step()
+
+    # --- the step: events, placement, datagrams, next timer ------------------------------
+
+    def _step(self) -> None:
+        now = self.loop.time()
+        self._log_events()
+        self._replan(now)
+        self._flush()
+        if self.core.leaving and self._leave_complete():
+            self._stopped.set()
+            return
+        if self._stop_deadline is not None and now >= self._stop_deadline:
+            log.warning("stop_deadline_passed", held=sorted(self._held_groups()))
+            self._stopped.set()
+            return
+        self._arm_timer()
+
+    def _flush(self) -> None:
+        if self._sock is None:
+            return
+        dest = (str(self.config.multicast_group), self.config.port)
+        for datagram in self.core.datagrams_to_send(now=self.loop.time(), wall=time.time()):
+            try:
+                self._sock.sendto(datagram, dest)
+            except OSError as e:
+                self.core.counters["tx_errors"] += 1
+                self._send_errors.warning("send_failed", key="send", error=e.strerror)
+
+    def _arm_timer(self) -> None:
+        when = self.core.get_timer()
+        for extra in (self.policy.next_deadline(), self._stop_deadline):
+            if extra is not None:
+                when = min(when, extra)
+        if self._timer is not None:
+            if self._timer.when() == when:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _owners(self) -> dict[str, str | None]:
+        view = self.core.view
+        key = view.members + tuple(str(w) for w in view.weights)
+        if self._owners_cache is None or self._owners_cache[0] != key:
+            placed = assign([g.name for g in self.config.pool], view.as_weights())
+            owners: dict[str, str | None] = {g.name: placed.get(g.name) for g in self.config.pool}
+            self._owners_cache = (key, owners)
+        return self._owners_cache[1]
+
+    def _replan(self, now: float) -> None:
+        owners = self._owners()
+        held = self._held_groups()
+        holders = {
+            g: self.core.holders(self.pool_index[g])
+            for g in held
+            if owners.get(g) != self.core.name
+        }
+        keep, done = self.policy.groups_to_hold(owners=owners, held=held, holders=holders, now=now)
+        for d in done:
+            log.info(
+                "handover",
+                group=d.group,
+                new_owner=d.new_owner,
+                how=d.how,
+                view=self.core.view.digest_hex,
+            )
+        if keep != self.target:
+            self.target = keep
+            self._dirty.set()
+
+    def _held_groups(self) -> frozenset[str]:
+        """Groups with every address present in the kernel."""
+        return frozenset(
+            g.name
+            for g in self.config.pool
+            if all(a in self.actual.get(g.interface, ()) for a in g.addresses)
+        )
+
+    def _leave_complete(self) -> bool:
+        return not self.target and not any(self.actual.values())
+
+    # --- carrying out address changes ----------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._apply_once()
+            self._step()
+
+    async def _apply_once(self) -> None:
+        for action in plan(self.config.pool, self.target, self.actual):
+            if isinstance(action, ClaimAddress):
+                await self._claim(action)
+            else:
+                await self._release(action)
+        self.core.set_held(frozenset(self.pool_index[g] for g in self._held_groups()))
+
+    async def _claim(self, a: ClaimAddress) -> None:
+        try:
+            added = await self.addresses.add(a.interface, a.address)
+        except InterfaceMissing as e:
+            self.core.counters["claim_errors"] += 1
+            self._send_errors.error(
+                "claim_failed", key=f"claim {a.interface}", group=a.group, error=str(e)
+            )
+            return
+        except Exception as e:  # netlink refused: log, keep running, retry on next reconcile
+            self.core.counters["claim_errors"] += 1
+            log.error("claim_failed", group=a.group, address=str(a.address), error=str(e))
+            return
+        self.actual.setdefault(a.interface, set()).add(a.address)
+        self.announcer.announce(a.interface, a.address)
+        self.core.counters["claims"] += 1
+        log.info(
+            "claimed",
+            group=a.group,
+            address=str(a.address),
+            interface=a.interface,
+            already_present=not added,
+            view=self.core.view.digest_hex,
+        )
+
+    async def _release(self, a: ReleaseAddress) -> None:
+        self.announcer.cancel(a.address)
+        try:
+            await self.addresses.remove(a.interface, a.address)
+        except InterfaceMissing:
+            pass  # the interface and its addresses are gone: nothing left to release
+        except Exception as e:
+            log.error("release_failed", group=a.group, address=str(a.address), error=str(e))
+            return
+        self.actual.get(a.interface, set()).discard(a.address)
+        self.core.counters["releases"] += 1
+        log.info(
+            "released",
+            group=a.group,
+            address=str(a.address),
+            interface=a.interface,
+            reason=a.reason,
+            view=self.core.view.digest_hex,
+        )
+
+    async def _kernel_pool_addresses(self) -> dict[str, set[IPInterface]]:
+        found: dict[str, set[IPInterface]] = {}
+        for iface in {g.interface for g in self.config.pool}:
+            try:
+                present = await self.addresses.list_addresses(iface)
+            except InterfaceMissing as e:
+                self._send_errors.error("interface_missing", key=f"list {iface}", error=str(e))
+                present = set()
+            found[iface] = {a for a in present if a.ip in self.pool_ips}
+        return found
+
+    async def _remove_stale(self) -> None:
+        """Pool addresses left by an earlier run (crash) are not ours until placement says so."""
+        for iface, present in (await self._kernel_pool_addresses()).items():
+            for address in present:
+                self.actual.setdefault(iface, set()).add(address)
+                log.warning("stale_address", address=str(address), interface=iface)
+        self.target = frozenset()
+        await self._apply_once()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.timing.reconcile_interval)
+            kernel = await self._kernel_pool_addresses()
+            for iface in set(kernel) | set(self.actual):
+                have, real = self.actual.get(iface, set()), kernel.get(iface, set())
+                if have != real:
+                    log.warning(
+                        "drift",
+                        interface=iface,
+                        missing=sorted(map(str, have - real)),
+                        unexpected=sorted(map(str, real - have)),
+                    )
+                    self.core.counters["drift_repairs"] += 1
+                    self.actual[iface] = set(real)
+                    self._dirty.set()
+            systemd.notify("WATCHDOG=1")
+
+    async def _stats_loop(self) -> None:
+        collector = StatsCollector()
+        while True:
+            self.core.set_stats(collector.collect())
+            await asyncio.sleep(STATS_INTERVAL)
+
+    # --- logging and status --------------------------------------------------------------
+
+    def _log_events(self) -> None:
+        view = self.core.view.digest_hex
+        while (event := self.core.next_event()) is not None:
+            name = _snake(type(event).__name__)
+            fields = asdict(event)
+            if isinstance(event, ev.PacketRejected):
+                self._rejections.warning("packet_rejected", key=event.reason, **fields)
+            elif isinstance(event, ev.ConfigMismatch | ev.ClockSkew):
+                log.error(name, view=view, **fields)
+            elif isinstance(event, ev.MemberLost | ev.LoopStalled):
+                log.warning(name, view=view, **fields)
+            elif isinstance(event, ev.MemberStateChanged):
+                log.debug(name, view=view, **fields)
+            else:
+                log.info(name, view=view, **fields)
+
+    async def _cmd_status(self, request: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        now = self.loop.time()
+        owners = self._owners()
+        held = self._held_groups()
+        members: list[dict[str, Any]] = [
+            {
+                "name": core.name,
+                "state": "self",
+                "age": 0.0,
+                "incarnation": core.incarnation,
+                "flags": _flag_names(core.flags),
+                "config_digest_ok": True,
+            }
+        ]
+        for p in core.peers.values():
+            members.append(
+                {
+                    "name": p.name,
+                    "state": p.state.value,
+                    "age": None if p.last_heard is None else round(now - p.last_heard, 3),
+                    "incarnation": p.incarnation,
+                    "flags": _flag_names(p.flags),
+                    "config_digest_ok": p.config_ok,
+                }
+            )
+        return {
+            "node": core.name,
+            "cluster": self.config.cluster,
+            "incarnation": core.incarnation,
+            "ready": core.ready,
+            "leaving": core.leaving,
+            "config_digest": core.config_digest.hex(),
+            "view": {"digest": core.view.digest_hex, "members": list(core.view.members)},
+            "members": members,
+            "pool": [
+                {
+                    "group": g.name,
+                    "interface": g.interface,
+                    "addresses": [str(a) for a in g.addresses],
+                    "owner": owners.get(g.name),
+                    "held_here": g.name in held,
+                }
+                for g in self.config.pool
+            ],
+            "counters": {**dict(core.counters), "rejected": dict(core.rejected)},
+        }
+
+
+def _flag_names(flags: Any) -> list[str]:
+    return [f.name.lower() for f in type(flags) if f.value and f in flags and f.name]
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def build_daemon(config: Config) -> Daemon:
+    key = load_private_key(config.private_key_file, config.path)
+    me = config.member(config.node)
+    if me is not None and public_key_bytes(key) not in me.public_keys:
+        raise ConfigError(
+            config.path,
+            "node.private_key_file",
+            f"the public key of {config.private_key_file} is not listed for {config.node!r}",
+            f'add "{format_public_key(public_key_bytes(key))}" to its public_keys',
+        )
+    schedule = config.announce.schedule
+    return Daemon(
+        config,
+        key,
+        addresses=NetlinkAddressManager(),
+        announcer_factory=lambda loop: RawAnnouncer(loop, mac_address, schedule=schedule),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vipd", description="virtual-IP failover daemon")
+    parser.add_argument("--config", "-c", default="/etc/vipd/vipd.toml", help="TOML config file")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        configure_logging(config.log_level, config.log_format)
+        daemon = build_daemon(config)
+    except ConfigError as e:
+        print(f"vipd: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"vipd: {args.config}: OK ({len(config.roster)} members, {len(config.pool)} groups)")
+        return 0
+    try:
+        return asyncio.run(daemon.run())
+    except TransportError as e:
+        print(
+            f"vipd: config error: {config.path}: cluster.interface: {e}; fix the interface name",
+            file=sys.stderr,
+        )
+        return 2

@@ -1,0 +1,152 @@
+"""vipctl: the operator's tool. Talks to vipd over its control socket; never imports scapy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vipd.config import ConfigError, load_config
+from vipd.control import request
+from vipd.keys import generate_key_file, public_key_line
+
+DEFAULT_SOCKET = Path("/run/vipd/vipd.sock")
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        return load_config(args.config).control_socket
+    return DEFAULT_SOCKET
+
+
+def _call(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
+    path = _socket_path(args)
+    try:
+        reply = request(path, payload)
+    except FileNotFoundError:
+        raise SystemExit(f"vipctl: no control socket at {path}: is vipd running?") from None
+    except PermissionError:
+        raise SystemExit(
+            f"vipctl: permission denied on {path}: run as root or the admin group"
+        ) from None
+    except (ConnectionError, TimeoutError, OSError) as e:
+        raise SystemExit(f"vipctl: cannot talk to vipd at {path}: {e}") from None
+    if not reply.get("ok"):
+        raise SystemExit(f"vipctl: vipd refused: {reply.get('error')}")
+    return reply["result"]
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def format_status(s: dict[str, Any]) -> str:
+    state = "leaving" if s.get("leaving") else "ready" if s["ready"] else "joining"
+    view = s["view"]
+    head = (
+        f"node {s['node']}  cluster {s['cluster']}  {state}  "
+        f"view {view['digest']} ({len(view['members'])}: {' '.join(view['members']) or '-'})"
+    )
+    members = _table(
+        ["MEMBER", "STATE", "LAST HEARD", "INCARNATION", "FLAGS", "CONFIG"],
+        [
+            [
+                m["name"],
+                m["state"],
+                "-" if m["age"] is None else f"{m['age']:.2f}s ago",
+                str(m["incarnation"] or "-"),
+                ",".join(m["flags"]) or "-",
+                "ok" if m["config_digest_ok"] else "MISMATCH",
+            ]
+            for m in s["members"]
+        ],
+    )
+    pool = _table(
+        ["GROUP", "OWNER", "HELD HERE", "INTERFACE", "ADDRESSES"],
+        [
+            [
+                g["group"],
+                g["owner"] or "-",
+                "yes" if g["held_here"] else "",
+                g["interface"],
+                " ".join(g["addresses"]),
+            ]
+            for g in s["pool"]
+        ],
+    )
+    rejected = {k: v for k, v in s["counters"].get("rejected", {}).items() if v}
+    tail = "rejected datagrams: " + (
+        ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) if rejected else "none"
+    )
+    return f"{head}\n\n{members}\n\n{pool}\n\n{tail}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _call(args, {"cmd": "status"})
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        key = generate_key_file(out)
+    except FileExistsError:
+        print(f"vipctl: {out} exists; refusing to overwrite a node identity", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"vipctl: cannot write {out}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"# private key written to {out} (mode 0600); add this to every node's config:")
+    print("[[roster]]")
+    print(f'name = "{args.name}"')
+    print(f'public_keys = ["{public_key_line(key)}"]')
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from vipd.lab.cli import main as lab_main
+
+    code: int = lab_main(args.lab_args)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vipctl", description="operate vipd")
+    parser.add_argument("--socket", "-s", help=f"control socket (default {DEFAULT_SOCKET})")
+    parser.add_argument("--config", "-c", help="read the socket path from this vipd config")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("status", help="members and pool ownership")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keygen", help="create a node key and print its roster entry")
+    p.add_argument("--name", required=True, help="the node's roster name")
+    p.add_argument("--out", required=True, help="private key file to create (mode 0600)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("lab", help="a namespace lab on this machine (root)", add_help=False)
+    p.add_argument("lab_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lab)
+
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as e:
+        print(f"vipctl: {e}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
