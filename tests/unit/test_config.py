@@ -1,0 +1,181 @@
+"""Every local mistake stops the start with one line naming the file, the key and the fix."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.clusterkit import config_dict
+from vipd.config import ConfigError, load_config, parse_config
+from vipd.keys import generate_key_file, load_private_key, public_key_line
+
+KEYS = {"n1": Ed25519PrivateKey.generate(), "n2": Ed25519PrivateKey.generate()}
+
+
+def base() -> dict[str, Any]:
+    return copy.deepcopy(config_dict("n1", KEYS, groups=3))
+
+
+def error_for(data: dict[str, Any]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, Path("/etc/vipd/vipd.toml"))
+    return info.value
+
+
+def test_valid_config_loads_sorted_pool_and_profile_defaults() -> None:
+    data = base()
+    data["pool"].reverse()
+    cfg = parse_config(data, Path("x.toml"))
+    assert [g.name for g in cfg.pool] == ["www1", "www2", "www3"]
+    assert cfg.timing.heartbeat_interval == 0.1
+    assert cfg.control_mode == 0o660
+
+
+def test_fast_profile_and_overrides() -> None:
+    data = base()
+    data["timing"] = {"profile": "fast", "dead_after": 0.2}
+    cfg = parse_config(data, Path("x.toml"))
+    assert cfg.timing.heartbeat_interval == 0.02
+    assert cfg.timing.dead_after == 0.2
+    assert cfg.timing.startup_wait == 0.2  # follows dead_after unless set
+
+
+def mutate(path: str, value: Any) -> dict[str, Any]:
+    data = base()
+    target: Any = data
+    keys = path.split(".")
+    for k in keys[:-1]:
+        target = target[int(k)] if isinstance(target, list) else target.setdefault(k, {})
+    last = keys[-1]
+    if value is KeyError:
+        del target[last]
+    elif isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return data
+
+
+CASES = [
+    ("cluster.colour", "blue", "cluster.colour", "unknown key"),
+    ("surprise", {}, "surprise", "unknown key"),
+    ("pool.0.addresses", ["203.0.113.300/32"], "pool[0].addresses[0]", "not an address"),
+    ("pool.0.addresses", ["203.0.113.9"], "pool[0].addresses[0]", "no prefix length"),
+    ("pool.1.addresses", ["203.0.113.11/32"], "pool[1].addresses[0]", "already in group"),
+    ("pool.1.name", "www1", "pool[1].name", "duplicate group name"),
+    ("roster.1.name", "n1", "roster[1].name", "duplicate node name"),
+    ("roster.1.public_keys", ["ed25519:abc"], "roster[1].public_keys[0]", "base64"),
+    ("node.name", "n9", "node.name", "not in the roster"),
+    ("cluster.multicast_group", "198.51.100.1", "cluster.multicast_group", "not a multicast"),
+    ("cluster.port", 70000, "cluster.port", "not a UDP port"),
+    ("cluster.interface", "an-interface-name-too-long", "cluster.interface", "interface name"),
+    ("timing.dead_after", 0.1, "timing.dead_after", "under 3 heartbeat intervals"),
+    ("timing.profile", "warp", "timing.profile", "unknown profile"),
+    ("control.mode", "0666", "control.mode", "closed to others"),
+    ("log.level", "loud", "log.level", "not a level"),
+    ("pool.0.colour", "x", "pool[0].colour", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "key", "problem"), CASES)
+def test_each_mistake_names_file_key_and_fix(path: str, value: Any, key: str, problem: str) -> None:
+    err = error_for(mutate(path, value))
+    line = str(err)
+    assert "\n" not in line
+    assert line.startswith("config error: /etc/vipd/vipd.toml: ")
+    assert err.key == key
+    assert problem in err.problem
+    assert err.fix
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_key_file_checks(tmp_path: Path) -> None:
+    key_path = tmp_path / "n1.key"
+    with pytest.raises(ConfigError, match="no such file") as info:
+        load_private_key(key_path, "vipd.toml")
+    assert info.value.key == "node.private_key_file" and "vipctl keygen" in info.value.fix
+    generate_key_file(key_path)
+    assert (key_path.stat().st_mode & 0o777) == 0o600
+    assert isinstance(load_private_key(key_path, "vipd.toml"), Ed25519PrivateKey)
+    os.chmod(key_path, 0o640)
+    with pytest.raises(ConfigError, match="lets group or others read it") as info:
+        load_private_key(key_path, "vipd.toml")
+    assert "chmod 600" in info.value.fix
+    with pytest.raises(FileExistsError):
+        generate_key_file(key_path)  # an identity is never overwritten
+
+
+def test_key_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    key_path = tmp_path / "n1.key"
+    generate_key_file(key_path)
+    os.chown(key_path, 65534, -1)
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        load_private_key(key_path, "vipd.toml")
+
+
+def test_vipd_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "vipd.toml"
+    cfg.write_text('[node]\nname = "n1"\nprivate_key_file = "k"\ncolour = 1\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "vipd", "--config", str(cfg)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"vipd: config error: {cfg}: node.colour: unknown key;"
+        " remove it or use one of: name, private_key_file, state_dir"
+    )
+
+
+def test_vipd_refuses_a_key_not_in_the_roster(tmp_path: Path) -> None:
+    import tomllib  # noqa: F401  (the file below is written as TOML text)
+
+    key = tmp_path / "n1.key"
+    generate_key_file(key)
+    data = base()
+    roster = "\n".join(
+        f'[[roster]]\nname = "{r["name"]}"\npublic_keys = ["{r["public_keys"][0]}"]'
+        for r in data["roster"]
+    )
+    cfg = tmp_path / "vipd.toml"
+    cfg.write_text(
+        f'[node]\nname = "n1"\nprivate_key_file = "{key}"\n'
+        '[cluster]\nname = "web"\ninterface = "lo"\n'
+        f'[control]\nsocket = "{tmp_path}/s"\n{roster}\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "vipd", "--config", str(cfg), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "node.private_key_file" in proc.stderr and "is not listed for 'n1'" in proc.stderr
+
+
+def test_keygen_prints_a_roster_entry(tmp_path: Path) -> None:
+    out = tmp_path / "n7.key"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vipd.vipctl", "keygen", "--name", "n7", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = load_private_key(out, "x")
+    assert f'public_keys = ["{public_key_line(key)}"]' in proc.stdout
+    assert 'name = "n7"' in proc.stdout
