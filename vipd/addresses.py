@@ -1,0 +1,408 @@
+"""Claiming and releasing addresses in the kernel (rtnetlink via pyroute2).
+
+Threading model: one synchronous pyroute2 ``IPRoute`` owned by one dedicated worker
+thread (``ThreadPoolExecutor(max_workers=1)``), reached with ``loop.run_in_executor``.
+We chose this over pyroute2 0.9's ``AsyncIPRoute`` because:
+
+* ``AsyncIPRoute`` runs its netlink transport on the caller's event loop and its docstring
+  still warns that parts of the core use the old synchronous API during the refactoring;
+  a slow or stuck netlink exchange must never stall heartbeats, so it stays off our loop.
+* One worker thread serializes every request (add, remove, dump), so the ifname->index
+  cache needs no lock and requests never interleave on one socket.
+* The sync ``IPRoute`` drives its own private event loop, which must stay in the thread
+  that created it; creating it lazily *inside* the worker satisfies that.
+
+The socket is opened with ``groups=0``: pyroute2's default subscribes to link, address,
+route and neighbour broadcasts, which nothing here reads and which would pile up in
+pyroute2's queue for the life of the daemon.
+
+Errors: EEXIST on add and EADDRNOTAVAIL on remove mean "already so" and return False; a
+missing interface raises ``InterfaceMissing``; anything else raises ``AddressError``
+naming the operation, the address, the interface and the errno text. A request whose
+awaiting task is cancelled still runs to completion in the worker (netlink requests
+cannot be taken back); the reconcile timer repairs any drift that leaves behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vipd.config import IPInterface
+
+IFA_F_NODAD = 0x02  # <linux/if_addr.h>: skip duplicate address detection
+IFNAMSIZ = 16  # <linux/if.h>: interface names and IPv4 labels, including the NUL
+LABEL_SUFFIX = ":vip"
+RT_SCOPE_UNIVERSE = 0  # "global" in `ip addr`
+
+_LINK_LOCAL_V6 = ipaddress.IPv6Network("fe80::/10")
+
+T = TypeVar("T")
+
+log = structlog.get_logger()
+
+
+class AddressError(Exception):
+    """A netlink request about an address failed for a reason other than "already so"."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        op: str | None = None,
+        interface: str | None = None,
+        address: IPInterface | None = None,
+        errno: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.op = op
+        self.interface = interface
+        self.address = address
+        self.errno = errno
+
+
+class InterfaceMissing(AddressError):
+    """The named interface does not exist (in this network namespace)."""
+
+    def __init__(
+        self, interface: str, *, op: str | None = None, address: IPInterface | None = None
+    ) -> None:
+        detail = f" ({op} {address})" if op and address is not None else f" ({op})" if op else ""
+        super().__init__(
+            f"interface {interface!r} does not exist{detail}",
+            op=op,
+            interface=interface,
+            address=address,
+            errno=errno.ENODEV,
+        )
+
+
+class AddressManager(Protocol):
+    """The kernel's view of the addresses on an interface (see docs/internals.md)."""
+
+    async def list_addresses(self, interface: str) -> set[IPInterface]:
+        """Global-scope addresses on the interface (no link-local), with prefix lengths."""
+        ...
+
+    async def add(self, interface: str, address: IPInterface) -> bool:
+        """Add the address; False when it was already there."""
+        ...
+
+    async def remove(self, interface: str, address: IPInterface) -> bool:
+        """Remove the address; False when it was already absent."""
+        ...
+
+    async def mac_address(self, interface: str) -> bytes:
+        """The interface's 6-byte hardware address."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def vip_label(interface: str) -> str | None:
+    """`<ifname>:vip` for IPv4 addresses, or None when it exceeds the kernel's 15 bytes.
+
+    The label lets operators (and `ip addr show label 'eth0:vip'`) tell our addresses from
+    the node's own; the kernel rejects labels of IFNAMSIZ bytes or more.
+    """
+    label = interface + LABEL_SUFFIX
+    return label if len(label.encode()) < IFNAMSIZ else None
+
+
+def _errno_text(code: int) -> str:
+    name = errno.errorcode.get(code, "?")
+    return f"{name} ({code}): {os.strerror(code)}"
+
+
+def _mac_bytes(text: str | None) -> bytes | None:
+    if not text:
+        return None
+    raw = bytes.fromhex(text.replace(":", ""))
+    return raw if len(raw) == 6 else None
+
+
+class NetlinkAddressManager:
+    """`AddressManager` on the kernel of the calling process's network namespace."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vipd-netlink")
+        # Both touched only from the worker thread.
+        self._ipr: IPRoute | None = None
+        self._index: dict[str, int] = {}
+        self._closed = False
+
+    # -- async API (event loop side) ------------------------------------------------------
+
+    async def list_addresses(self, interface: str) -> set[IPInterface]:
+        return await self._call(self._list_sync, interface)
+
+    async def add(self, interface: str, address: IPInterface) -> bool:
+        return await self._call(self._add_sync, interface, address)
+
+    async def remove(self, interface: str, address: IPInterface) -> bool:
+        return await self._call(self._remove_sync, interface, address)
+
+    async def mac_address(self, interface: str) -> bytes:
+        return await self._call(self._mac_sync, interface)
+
+    def close(self) -> None:
+        """Close the netlink socket after already queued requests; idempotent, non-blocking."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.submit(self._close_sync)
+        self._executor.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise AddressError("address manager is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- worker thread side ---------------------------------------------------------------
+
+    def _netlink(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute(groups=0)
+        return self._ipr
+
+    def _drop_socket(self) -> None:
+        # After a transport error pyroute2 refuses further requests on that object; the
+        # next request opens a fresh socket instead of failing forever.
+        ipr, self._ipr = self._ipr, None
+        if ipr is not None:
+            with contextlib.suppress(OSError):
+                ipr.close()
+
+    def _close_sync(self) -> None:
+        self._drop_socket()
+        self._index.clear()
+
+    def _link(self, interface: str, op: str, address: IPInterface | None) -> Any:
+        """RTM_GETLINK by name (one request, not a dump); refreshes the index cache."""
+        try:
+            msgs = self._netlink().link("get", ifname=interface)
+        except NetlinkError as exc:
+            self._index.pop(interface, None)
+            # ERANGE: a name too long to exist at all.
+            if exc.code in (errno.ENODEV, errno.ERANGE):
+                raise InterfaceMissing(interface, op=op, address=address) from None
+            raise self._error(op, interface, address, exc.code) from exc
+        except OSError as exc:
+            self._drop_socket()
+            raise self._error(op, interface, address, exc.errno or errno.EIO) from exc
+        msg = msgs[0]
+        self._index[interface] = msg["index"]
+        return msg
+
+    def _resolve(self, interface: str, op: str, address: IPInterface | None) -> int:
+        cached = self._index.get(interface)
+        if cached is not None:
+            return cached
+        index: int = self._link(interface, op, address)["index"]
+        return index
+
+    def _error(
+        self, op: str, interface: str, address: IPInterface | None, code: int
+    ) -> AddressError:
+        what = f"{op} {address} on {interface}" if address is not None else f"{op} on {interface}"
+        return AddressError(
+            f"{what} failed: {_errno_text(code)}",
+            op=op,
+            interface=interface,
+            address=address,
+            errno=code,
+        )
+
+    def _with_index(
+        self,
+        op: str,
+        interface: str,
+        address: IPInterface,
+        request: Callable[[IPRoute, int], T],
+    ) -> T:
+        """Run `request` on the cached index; on ENODEV re-resolve once (recreated link)."""
+        index = self._resolve(interface, op, address)
+        for attempt in (0, 1):
+            try:
+                return request(self._netlink(), index)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise self._error(op, interface, address, exc.code) from exc
+                self._index.pop(interface, None)
+                if attempt == 1:
+                    break
+                fresh = self._resolve(interface, op, address)  # InterfaceMissing if gone
+                if fresh == index:
+                    break
+                log.info(
+                    "interface_recreated",
+                    interface=interface,
+                    old_index=index,
+                    new_index=fresh,
+                    op=op,
+                    address=str(address),
+                )
+                index = fresh
+            except OSError as exc:
+                self._drop_socket()
+                raise self._error(op, interface, address, exc.errno or errno.EIO) from exc
+        raise InterfaceMissing(interface, op=op, address=address)
+
+    def _add_sync(self, interface: str, address: IPInterface) -> bool:
+        attrs: dict[str, Any] = {"address": str(address.ip), "prefixlen": address.network.prefixlen}
+        if address.version == 4:
+            label = vip_label(interface)
+            if label is not None:
+                attrs["label"] = label
+        else:
+            # Without NODAD the address stays "tentative" for ~1 s and cannot be used as
+            # a source or answer neighbour solicitations: a failover gap for nothing.
+            attrs["flags"] = IFA_F_NODAD
+
+        def request(ipr: IPRoute, index: int) -> bool:
+            try:
+                ipr.addr("add", index=index, **attrs)
+            except NetlinkError as exc:
+                if exc.code == errno.EEXIST:
+                    return False
+                raise
+            return True
+
+        return self._with_index("add", interface, address, request)
+
+    def _remove_sync(self, interface: str, address: IPInterface) -> bool:
+        def request(ipr: IPRoute, index: int) -> bool:
+            try:
+                ipr.addr(
+                    "del",
+                    index=index,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                )
+            except NetlinkError as exc:
+                if exc.code == errno.EADDRNOTAVAIL:
+                    return False
+                raise
+            return True
+
+        return self._with_index("remove", interface, address, request)
+
+    def _list_sync(self, interface: str) -> set[IPInterface]:
+        # Always re-resolve: a dump on a stale index would silently return nothing.
+        index = self._link(interface, "list", None)["index"]
+        try:
+            msgs = list(self._netlink().addr("dump", index=index))
+        except NetlinkError as exc:
+            raise self._error("list", interface, None, exc.code) from exc
+        except OSError as exc:
+            self._drop_socket()
+            raise self._error("list", interface, None, exc.errno or errno.EIO) from exc
+        return set(_parse_addresses(msgs, index))
+
+    def _mac_sync(self, interface: str) -> bytes:
+        link = self._link(interface, "mac_address", None)
+        mac = _mac_bytes(link.get("IFLA_ADDRESS"))
+        if mac is None:
+            raise AddressError(
+                f"interface {interface!r} has no 6-byte hardware address",
+                op="mac_address",
+                interface=interface,
+            )
+        return mac
+
+
+def _parse_addresses(msgs: Iterable[Any], index: int) -> Iterable[IPInterface]:
+    for msg in msgs:
+        if msg.get("index") != index or msg.get("scope") != RT_SCOPE_UNIVERSE:
+            continue
+        # IFA_LOCAL is our side; IFA_ADDRESS is the peer on point-to-point links.
+        text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        if not text:
+            continue
+        iface = ipaddress.ip_interface(f"{text}/{msg['prefixlen']}")
+        if iface.version == 6 and iface.ip in _LINK_LOCAL_V6:
+            continue
+        yield iface
+
+
+class FakeAddressManager:
+    """In-memory `AddressManager` for unit tests; mirrors the kernel's idempotency rules.
+
+    IPv4 addresses are distinct per (address, prefix) like the kernel's; an IPv6 address
+    exists once whatever its prefix (a second add is EEXIST). Removal needs the exact
+    prefix. Every call is appended to `calls` as (op, interface, address-or-None).
+    """
+
+    DEFAULT_MAC = bytes.fromhex("020000000001")
+
+    def __init__(self, interfaces: Mapping[str, bytes] | None = None) -> None:
+        self.macs: dict[str, bytes] = dict(interfaces or {"eth0": self.DEFAULT_MAC})
+        self.addresses: dict[str, set[IPInterface]] = {name: set() for name in self.macs}
+        self.calls: list[tuple[str, str, IPInterface | None]] = []
+        self.closed = False
+        self._failures: dict[str, list[BaseException]] = {}
+
+    # -- test controls --------------------------------------------------------------------
+
+    def fail_next(self, op: str, exc: BaseException) -> None:
+        """Make the next call of `op` ("add", "remove", "list", "mac_address") raise `exc`."""
+        self._failures.setdefault(op, []).append(exc)
+
+    def add_interface(self, name: str, mac: bytes = DEFAULT_MAC) -> None:
+        self.macs[name] = mac
+        self.addresses.setdefault(name, set())
+
+    def remove_interface(self, name: str) -> None:
+        """Like `ip link del`: the interface and its addresses disappear."""
+        self.macs.pop(name, None)
+        self.addresses.pop(name, None)
+
+    # -- AddressManager -------------------------------------------------------------------
+
+    def _enter(self, op: str, interface: str, address: IPInterface | None) -> set[IPInterface]:
+        self.calls.append((op, interface, address))
+        if self.closed:
+            raise AddressError("address manager is closed")
+        pending = self._failures.get(op)
+        if pending:
+            raise pending.pop(0)
+        if interface not in self.macs:
+            raise InterfaceMissing(interface, op=op, address=address)
+        return self.addresses[interface]
+
+    async def list_addresses(self, interface: str) -> set[IPInterface]:
+        return set(self._enter("list", interface, None))
+
+    async def add(self, interface: str, address: IPInterface) -> bool:
+        held = self._enter("add", interface, address)
+        if address in held or (
+            address.version == 6 and any(a.version == 6 and a.ip == address.ip for a in held)
+        ):
+            return False
+        held.add(address)
+        return True
+
+    async def remove(self, interface: str, address: IPInterface) -> bool:
+        held = self._enter("remove", interface, address)
+        if address not in held:
+            return False
+        held.remove(address)
+        return True
+
+    async def mac_address(self, interface: str) -> bytes:
+        self._enter("mac_address", interface, None)
+        return self.macs[interface]
+
+    def close(self) -> None:
+        self.closed = True
