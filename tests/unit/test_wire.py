@@ -9,11 +9,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.clusterkit import WALL0, make_cluster
+from tests.clusterkit import WALL0, Node, make_cluster
 from vipd.keys import public_key_bytes
 from vipd.membership import wire
+from vipd.membership.core import MembershipCore
 from vipd.membership.events import PacketRejected
-from vipd.membership.wire import Flag, Heartbeat, Override, Reject, Stats
+from vipd.membership.wire import Flag, Heartbeat, Override, Stats
 
 
 def heartbeat(**overrides: object) -> Heartbeat:
@@ -33,6 +34,7 @@ def heartbeat(**overrides: object) -> Heartbeat:
     return Heartbeat(**fields)  # type: ignore[arg-type]
 
 
+Pair = tuple[MembershipCore, Node]
 KEY = Ed25519PrivateKey.generate()
 PUB = public_key_bytes(KEY)
 
@@ -87,12 +89,12 @@ def test_encoder_refuses_to_exceed_the_datagram_limit() -> None:
 
 
 @pytest.fixture()
-def pair():  # type: ignore[no-untyped-def]
+def pair() -> tuple[MembershipCore, Node]:
     nodes = make_cluster(2, groups=6)
     return nodes["n1"].core(), nodes["n2"]
 
 
-def genuine(node, seq: int = 1, incarnation: int = 7, **kw: object) -> bytes:  # type: ignore[no-untyped-def]
+def genuine(node: Node, seq: int = 1, incarnation: int = 7, **kw: object) -> bytes:
     hb = heartbeat(
         seq=seq,
         incarnation=incarnation,
@@ -102,7 +104,7 @@ def genuine(node, seq: int = 1, incarnation: int = 7, **kw: object) -> bytes:  #
     return wire.encode(hb, node.key, node.public_key)
 
 
-def rejections(core) -> list[str]:  # type: ignore[no-untyped-def]
+def rejections(core: MembershipCore) -> list[str]:
     out = []
     while (e := core.next_event()) is not None:
         if isinstance(e, PacketRejected):
@@ -110,19 +112,19 @@ def rejections(core) -> list[str]:  # type: ignore[no-untyped-def]
     return out
 
 
-def deliver(core, data: bytes) -> list[str]:  # type: ignore[no-untyped-def]
+def deliver(core: MembershipCore, data: bytes) -> list[str]:
     core.receive(data, "198.51.100.12", now=1.0, wall=WALL0)
     return rejections(core)
 
 
-def test_genuine_heartbeat_is_accepted(pair) -> None:  # type: ignore[no-untyped-def]
+def test_genuine_heartbeat_is_accepted(pair: Pair) -> None:
     core, n2 = pair
     assert deliver(core, genuine(n2)) == []
     assert core.counters["rx_accepted"] == 1
     assert core.peers["n2"].held == frozenset({0, 5})
 
 
-def test_truncated(pair) -> None:  # type: ignore[no-untyped-def]
+def test_truncated(pair: Pair) -> None:
     core, n2 = pair
     data = genuine(n2)
     assert deliver(core, data[:30]) == ["truncated"]
@@ -130,13 +132,13 @@ def test_truncated(pair) -> None:  # type: ignore[no-untyped-def]
     assert core.rejected["truncated"] == 2
 
 
-def test_oversized(pair) -> None:  # type: ignore[no-untyped-def]
+def test_oversized(pair: Pair) -> None:
     core, n2 = pair
     assert deliver(core, genuine(n2) + b"\0" * 1200) == ["oversized"]
     assert core.rejected["oversized"] == 1
 
 
-def test_wrong_version_and_magic(pair) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_version_and_magic(pair: Pair) -> None:
     core, n2 = pair
     data = bytearray(genuine(n2))
     data[4] = 2
@@ -145,7 +147,7 @@ def test_wrong_version_and_magic(pair) -> None:  # type: ignore[no-untyped-def]
     assert deliver(core, bytes(data)) == ["bad_magic"]
 
 
-def test_unsigned(pair) -> None:  # type: ignore[no-untyped-def]
+def test_unsigned(pair: Pair) -> None:
     core, n2 = pair
     data = genuine(n2)
     # The signature stripped: the lengths no longer add up.
@@ -154,7 +156,7 @@ def test_unsigned(pair) -> None:  # type: ignore[no-untyped-def]
     assert deliver(core, data[: -wire.SIGNATURE_LEN] + b"\0" * 64) == ["bad_signature"]
 
 
-def test_wrongly_signed_with_a_forged_key_id(pair) -> None:  # type: ignore[no-untyped-def]
+def test_wrongly_signed_with_a_forged_key_id(pair: Pair) -> None:
     core, n2 = pair
     attacker = Ed25519PrivateKey.generate()
     # Signed by the attacker but claiming n2's key id.
@@ -168,14 +170,14 @@ def test_wrongly_signed_with_a_forged_key_id(pair) -> None:  # type: ignore[no-u
     assert core.peers["n2"].state.value == "unknown"
 
 
-def test_tampered_body(pair) -> None:  # type: ignore[no-untyped-def]
+def test_tampered_body(pair: Pair) -> None:
     core, n2 = pair
     data = bytearray(genuine(n2))
     data[-wire.SIGNATURE_LEN - 1] ^= 0x01  # flip a bit of the held bitmap
     assert deliver(core, bytes(data)) == ["bad_signature"]
 
 
-def test_unknown_sender_wrong_cluster_own_name(pair) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_sender_wrong_cluster_own_name(pair: Pair) -> None:
     core, n2 = pair
     stranger = wire.encode(heartbeat(sender="mallory"), KEY, PUB)
     assert deliver(core, stranger) == ["unknown_sender"]
@@ -185,7 +187,7 @@ def test_unknown_sender_wrong_cluster_own_name(pair) -> None:  # type: ignore[no
     assert deliver(core, me) == ["own_name"]
 
 
-def test_replay_is_rejected_by_incarnation_and_seq(pair) -> None:  # type: ignore[no-untyped-def]
+def test_replay_is_rejected_by_incarnation_and_seq(pair: Pair) -> None:
     core, n2 = pair
     first, second = genuine(n2, seq=1), genuine(n2, seq=2)
     assert deliver(core, first) == []
@@ -198,13 +200,13 @@ def test_replay_is_rejected_by_incarnation_and_seq(pair) -> None:  # type: ignor
     assert core.rejected["replay"] == 3
 
 
-def test_stale_send_time(pair) -> None:  # type: ignore[no-untyped-def]
+def test_stale_send_time(pair: Pair) -> None:
     core, n2 = pair
     old = genuine(n2, send_time_ms=int((WALL0 - 3600) * 1000))
     assert deliver(core, old) == ["stale"]
 
 
-def test_malformed_body_after_a_valid_signature(pair) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_body_after_a_valid_signature(pair: Pair) -> None:
     core, n2 = pair
     good = wire.parse_envelope(genuine(n2))
     # Rebuild with a TLV that overruns the body, correctly signed: still refused.
@@ -218,20 +220,26 @@ def test_malformed_body_after_a_valid_signature(pair) -> None:  # type: ignore[n
 
 # --- fuzzing: remote input never raises out of the core ----------------------------------
 
+FUZZ = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
 
 @given(data=st.binary(max_size=1500))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_random_bytes_never_raise(pair, data: bytes) -> None:  # type: ignore[no-untyped-def]
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_random_bytes_never_raise(pair: Pair, data: bytes) -> None:
     core, _ = pair
     core.receive(data, "198.51.100.99", now=1.0, wall=WALL0)
     assert sum(core.rejected.values()) + core.counters["rx_accepted"] >= 1
 
 
-@given(
-    cuts=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=8)
+@given(cuts=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=8))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_mutated_genuine_datagrams_never_raise(pair, cuts: list[tuple[int, int]]) -> None:  # type: ignore[no-untyped-def]
+def test_mutated_genuine_datagrams_never_raise(pair: Pair, cuts: list[tuple[int, int]]) -> None:
     core, n2 = pair
     data = bytearray(genuine(n2, seq=10**6))
     for pos, value in cuts:
