@@ -74,6 +74,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._stop_deadline: float | None = None
+        self._contested: frozenset[str] = frozenset()
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._rejections = RateLimitedLog(log, interval=10.0)
@@ -221,25 +222,48 @@ class Daemon:
         return self._owners_cache[1]
 
     def _replan(self, now: float) -> None:
+        core = self.core
         owners = self._owners()
         held = self._held_groups()
-        holders = {
-            g: self.core.holders(self.pool_index[g])
-            for g in held
-            if owners.get(g) != self.core.name
-        }
-        keep, done = self.policy.groups_to_hold(owners=owners, held=held, holders=holders, now=now)
-        for d in done:
-            log.info(
+        holders = {g: core.holders(self.pool_index[g]) for g in held}
+        keep, outcomes = self.policy.groups_to_hold(
+            owners=owners, held=held, holders=holders, observable=core.observable_peers(), now=now
+        )
+        for o in outcomes:
+            level = log.warning if o.how in ("timeout", "stalled") else log.info
+            level(
                 "handover",
-                group=d.group,
-                new_owner=d.new_owner,
-                how=d.how,
-                view=self.core.view.digest_hex,
+                group=o.group,
+                new_owner=o.new_owner,
+                how=o.how,
+                view=core.view.digest_hex,
             )
+        if not core.ready:
+            keep &= held  # a joining node listens; it claims nothing yet
+        self._reannounce_contested(keep & held, holders)
         if keep != self.target:
             self.target = keep
             self._dirty.set()
+
+    def _reannounce_contested(
+        self, kept: frozenset[str], holders: dict[str, frozenset[str]]
+    ) -> None:
+        """A group we keep that a peer also holds (a partition healed, a handover in flight, a
+        crashed daemon's leftover): clients may point at the other holder, so announce again the
+        moment the overlap is seen, not at some later refresh."""
+        contested = frozenset(g for g in kept if holders.get(g))
+        for name in sorted(contested - self._contested):
+            group = self.config.pool[self.pool_index[name]]
+            log.info(
+                "reannounce",
+                group=name,
+                also_held_by=sorted(holders[name]),
+                view=self.core.view.digest_hex,
+            )
+            self.core.counters["reannouncements"] += 1
+            for address in group.addresses:
+                self.announcer.announce(group.interface, address)
+        self._contested = contested
 
     def _held_groups(self) -> frozenset[str]:
         """Groups with every address present in the kernel."""

@@ -1,10 +1,10 @@
 """Pure decisions about addresses: which groups to hold now, and the kernel actions to get there.
 
 `HandoverPolicy` is make-before-break: a group that placement gives to someone else is kept
-until the new owner is seen holding it (its heartbeat lists the group), or the handover times
-out. Claims never wait: a group assigned to us is claimed at once, which is what makes failover
-after a crash fast. `plan` turns "groups to hold" plus the kernel's actual addresses into
-orders. Addresses outside the pool are never touched.
+until the new owner is seen holding it (its heartbeat lists the group). Claims never wait: a
+group assigned to us is claimed at once, which is what makes failover after a crash fast.
+`plan` turns "groups to hold" plus the kernel's actual addresses into orders. Addresses
+outside the pool are never touched.
 """
 
 from __future__ import annotations
@@ -34,9 +34,14 @@ Action = ClaimAddress | ReleaseAddress
 
 
 @dataclass(frozen=True)
-class HandoverDone:
-    """A group we held was released: `how` is "confirmed" (the new owner holds it),
-    "timeout" (it never confirmed), or "unowned" (no live member can take it)."""
+class HandoverOutcome:
+    """What happened to a group moving away from this node.
+
+    `how`: "confirmed" (released: the new owner's heartbeat shows it holds the group),
+    "unowned" (released: no live member can take it), "timeout" (released: the new owner's
+    holdings cannot be seen, e.g. its config digest differs, and handover_timeout passed), or
+    "stalled" (kept: the new owner is observable but has not claimed within handover_timeout;
+    we go on serving rather than leave a hole)."""
 
     group: str
     new_owner: str | None
@@ -48,6 +53,7 @@ class HandoverPolicy:
         self.node = node
         self.timeout = timeout
         self._waiting_since: dict[str, float] = {}
+        self._stalled: set[str] = set()
 
     def groups_to_hold(
         self,
@@ -55,35 +61,41 @@ class HandoverPolicy:
         owners: Mapping[str, str | None],
         held: Set[str],
         holders: Mapping[str, Set[str]],
+        observable: Set[str],
         now: float,
-    ) -> tuple[frozenset[str], list[HandoverDone]]:
+    ) -> tuple[frozenset[str], list[HandoverOutcome]]:
         """owners: group -> member placement gives it to (None: nobody is live).
-        held: groups this node holds now. holders: group -> peers advertising it."""
+        held: groups this node holds now. holders: group -> peers advertising it.
+        observable: peers whose advertised holdings we can read."""
         assigned = {g for g, owner in owners.items() if owner == self.node}
         keep = set(assigned)
-        done: list[HandoverDone] = []
+        outcomes: list[HandoverOutcome] = []
         for group in sorted(set(held) - keep):
             new_owner = owners.get(group)
             since = self._waiting_since.setdefault(group, now)
+            overdue = now - since >= self.timeout
             if new_owner is None:
-                done.append(HandoverDone(group, None, "unowned"))
+                outcomes.append(HandoverOutcome(group, None, "unowned"))
             elif new_owner in holders.get(group, ()):
-                done.append(HandoverDone(group, new_owner, "confirmed"))
-            elif now - since >= self.timeout:
-                done.append(HandoverDone(group, new_owner, "timeout"))
+                outcomes.append(HandoverOutcome(group, new_owner, "confirmed"))
+            elif overdue and new_owner not in observable:
+                outcomes.append(HandoverOutcome(group, new_owner, "timeout"))
             else:
                 keep.add(group)
+                if overdue and group not in self._stalled:
+                    self._stalled.add(group)
+                    outcomes.append(HandoverOutcome(group, new_owner, "stalled"))
         waiting = keep - assigned
         for group in list(self._waiting_since):
             if group not in waiting:
                 del self._waiting_since[group]
-        return frozenset(keep), done
+                self._stalled.discard(group)
+        return frozenset(keep), outcomes
 
     def next_deadline(self) -> float | None:
-        """When a pending handover times out (the shell re-plans then)."""
-        if not self._waiting_since:
-            return None
-        return min(self._waiting_since.values()) + self.timeout
+        """When a pending handover reaches its timeout (the shell re-plans then)."""
+        pending = [t for g, t in self._waiting_since.items() if g not in self._stalled]
+        return min(pending) + self.timeout if pending else None
 
 
 def plan(

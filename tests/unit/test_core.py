@@ -16,6 +16,7 @@ from vipd.membership.events import (
     ViewChanged,
 )
 from vipd.membership.states import MemberState
+from vipd.membership.wire import Flag
 
 STEP = 0.005
 
@@ -91,9 +92,23 @@ def test_lone_node_waits_startup_wait_before_taking_part() -> None:
     net = Net(nodes, start=["n1"])
     core = net.cores["n1"]
     net.run(core.timing.startup_wait - 0.05)
-    assert not core.ready and core.view.members == ()
+    assert not core.ready and core.flags == Flag.JOINING
     net.run(0.1)
-    assert core.ready and core.view.members == ("n1",)
+    assert core.ready and core.flags == Flag.READY and core.view.members == ("n1",)
+
+
+def test_joining_members_are_placed_before_they_are_ready() -> None:
+    """A joiner counts in the view at once (its holders keep its groups until it claims),
+    so a cold-started cluster splits the pool once instead of each node grabbing it all."""
+    nodes = make_cluster(3)
+    net = Net(nodes, start=["n1", "n2"])
+    net.run(1.0)
+    assert net.cores["n1"].view.members == ("n1", "n2")
+    net.start("n3")
+    net.run(2 * STEP)
+    assert not net.cores["n3"].ready
+    assert net.cores["n1"].view.members == ("n1", "n2", "n3")
+    assert net.cores["n1"].peers["n3"].state == MemberState.JOINING
 
 
 def test_silent_member_is_lost_after_dead_after_not_before() -> None:

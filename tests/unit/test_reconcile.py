@@ -41,34 +41,53 @@ def test_nothing_to_do_when_kernel_matches() -> None:
 def test_group_moving_away_is_kept_until_the_new_owner_holds_it() -> None:
     policy = HandoverPolicy("n1", timeout=2.0)
     owners = {"www1": "n2", "www2": "n1"}
+    seen = {"n2"}
     keep, done = policy.groups_to_hold(
-        owners=owners, held={"www1", "www2"}, holders={"www1": set()}, now=10.0
+        owners=owners, held={"www1", "www2"}, holders={"www1": set()}, observable=seen, now=10.0
     )
     assert keep == {"www1", "www2"} and done == []
     assert policy.next_deadline() == 12.0
     keep, done = policy.groups_to_hold(
-        owners=owners, held={"www1", "www2"}, holders={"www1": {"n2"}}, now=10.1
+        owners=owners, held={"www1", "www2"}, holders={"www1": {"n2"}}, observable=seen, now=10.1
     )
     assert keep == {"www2"}
     assert [(d.group, d.new_owner, d.how) for d in done] == [("www1", "n2", "confirmed")]
     assert policy.next_deadline() is None
 
 
-def test_handover_times_out() -> None:
+def test_an_observable_new_owner_that_never_claims_leaves_no_hole() -> None:
     policy = HandoverPolicy("n1", timeout=2.0)
-    owners = {"www1": "n2"}
-    policy.groups_to_hold(owners=owners, held={"www1"}, holders={}, now=10.0)
-    keep, done = policy.groups_to_hold(owners=owners, held={"www1"}, holders={}, now=12.0)
-    assert keep == frozenset() and done[0].how == "timeout"
+    args = {"owners": {"www1": "n2"}, "held": {"www1"}, "holders": {}, "observable": {"n2"}}
+    policy.groups_to_hold(now=10.0, **args)  # type: ignore[arg-type]
+    keep, done = policy.groups_to_hold(now=12.0, **args)  # type: ignore[arg-type]
+    assert keep == {"www1"}
+    assert [d.how for d in done] == ["stalled"]  # reported once, and kept
+    assert policy.next_deadline() is None  # no busy timer while it waits
+    keep, done = policy.groups_to_hold(now=20.0, **args)  # type: ignore[arg-type]
+    assert keep == {"www1"} and done == []
+
+
+def test_handover_times_out_when_the_new_owner_cannot_be_observed() -> None:
+    policy = HandoverPolicy("n1", timeout=2.0)
+    args = {"owners": {"www1": "n2"}, "held": {"www1"}, "holders": {}, "observable": set()}
+    policy.groups_to_hold(now=10.0, **args)  # type: ignore[arg-type]
+    keep, done = policy.groups_to_hold(now=11.9, **args)  # type: ignore[arg-type]
+    assert keep == {"www1"} and done == []
+    keep, done = policy.groups_to_hold(now=12.0, **args)  # type: ignore[arg-type]
+    assert keep == frozenset() and [d.how for d in done] == ["timeout"]
 
 
 def test_nobody_left_to_take_it() -> None:
     policy = HandoverPolicy("n1", timeout=2.0)
-    keep, done = policy.groups_to_hold(owners={"www1": None}, held={"www1"}, holders={}, now=1.0)
+    keep, done = policy.groups_to_hold(
+        owners={"www1": None}, held={"www1"}, holders={}, observable=set(), now=1.0
+    )
     assert keep == frozenset() and done[0].how == "unowned"
 
 
 def test_claims_never_wait() -> None:
     policy = HandoverPolicy("n1", timeout=2.0)
-    keep, _ = policy.groups_to_hold(owners={"www1": "n1"}, held=set(), holders={}, now=1.0)
+    keep, _ = policy.groups_to_hold(
+        owners={"www1": "n1"}, held=set(), holders={}, observable=set(), now=1.0
+    )
     assert keep == {"www1"}

@@ -63,7 +63,7 @@ class Peer:
 
 @dataclass(frozen=True)
 class View:
-    """The members that take part in placement, with their weights."""
+    """The members that take part in placement (joining or ready), with their weights."""
 
     members: tuple[str, ...] = ()
     weights: tuple[int, ...] = ()
@@ -282,8 +282,13 @@ class MembershipCore:
             if group in p.held and p.state in (*MONITORED, MemberState.LEFT)
         )
 
-    def live_peers(self) -> frozenset[str]:
-        return frozenset(p.name for p in self.peers.values() if p.state in MONITORED)
+    def observable_peers(self) -> frozenset[str]:
+        """Peers whose advertised holdings we can read (heard, and same pool)."""
+        return frozenset(
+            p.name
+            for p in self.peers.values()
+            if p.state in (*MONITORED, MemberState.LEFT) and p.config_ok
+        )
 
     # --- internals -----------------------------------------------------------------------
 
@@ -332,11 +337,14 @@ class MembershipCore:
         self._events.append(BecameReady(round(now - self.started, 3)))
 
     def _update_view(self) -> None:
+        # Joining members are placed too (they claim only once ready): a cold-started cluster
+        # then splits the pool once instead of every early node grabbing all of it, and a
+        # joiner's groups stay with their holders until it can take them (make-before-break).
         entries: list[tuple[str, int, int]] = []
-        if self.ready and not self.leaving and not self.draining:
+        if not self.leaving and not self.draining:
             entries.append((self.name, self.incarnation, self.weight))
         for p in self.peers.values():
-            if p.state == MemberState.ALIVE and not p.flags & Flag.DRAINING:
+            if p.state in MONITORED and not p.flags & Flag.DRAINING:
                 entries.append((p.name, p.incarnation, p.weight))
         entries.sort()
         h = hashlib.sha256(b"vipd-view-v1\0")
