@@ -113,14 +113,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lab(args: argparse.Namespace) -> int:
-    from vipd.lab.cli import main as lab_main
-
-    code: int = lab_main(args.lab_args)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lab"]:
+        # The lab has its own parser (and --help); imported only when used.
+        from vipd.lab.cli import main as lab_main
+
+        code: int = lab_main(argv[1:])
+        return code
     parser = argparse.ArgumentParser(prog="vipctl", description="operate vipd")
     parser.add_argument("--socket", "-s", help=f"control socket (default {DEFAULT_SOCKET})")
     parser.add_argument("--config", "-c", help="read the socket path from this vipd config")
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="private key file to create (mode 0600)")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("lab", help="a namespace lab on this machine (root)", add_help=False)
-    p.add_argument("lab_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_lab)
+    sub.add_parser("lab", help="a namespace lab on this machine (root); see: vipctl lab --help")
 
     args = parser.parse_args(argv)
     try:
