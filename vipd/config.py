@@ -40,6 +40,8 @@ MAX_ROSTER = 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,14}$")
 PUBLIC_KEY_PREFIX = "ed25519:"
+#: Bump whenever vipd.assign can place the same input differently (hash, tie rules, phases).
+PLACEMENT_VERSION = 1
 
 
 class ConfigError(Exception):
@@ -148,7 +150,9 @@ class Config:
 
         Interface names are left out on purpose: they may differ between machines.
         """
-        h = hashlib.sha256(b"vipd-config-v1\0")
+        # The placement algorithm's version is part of the digest: nodes that would place the
+        # same pool differently must be reported as mismatched, never silently disagree.
+        h = hashlib.sha256(f"vipd-config-v1 placement-v{PLACEMENT_VERSION}\0".encode())
         h.update(self.cluster.encode() + b"\0")
         for m in sorted(self.roster, key=lambda m: m.name):
             h.update(f"member {m.name} {m.weight}".encode())

@@ -65,6 +65,7 @@ class Daemon:
         self.rng = rng or random.Random()
         self.pool_index = {g.name: i for i, g in enumerate(config.pool)}
         self.pool_ips = {a.ip for g in config.pool for a in g.addresses}
+        self._roster_weights = {m.name: m.weight for m in config.roster}
         self.policy = HandoverPolicy(config.node, config.timing.handover_timeout)
         # What this node holds in the kernel (pool addresses only), by interface.
         self.actual: dict[str, set[IPInterface]] = {g.interface: set() for g in config.pool}
@@ -75,6 +76,7 @@ class Daemon:
         self._timer: asyncio.TimerHandle | None = None
         self._stop_deadline: float | None = None
         self._contested: frozenset[str] = frozenset()
+        self._reannounce_all = False
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._rejections = RateLimitedLog(log, interval=10.0)
@@ -178,7 +180,7 @@ class Daemon:
 
     def _step(self) -> None:
         now = self.loop.time()
-        self._log_events()
+        self._handle_events()
         self._replan(now)
         self._flush()
         if self.core.leaving and self._leave_complete():
@@ -216,7 +218,9 @@ class Daemon:
         view = self.core.view
         key = view.members + tuple(str(w) for w in view.weights)
         if self._owners_cache is None or self._owners_cache[0] != key:
-            placed = assign([g.name for g in self.config.pool], view.as_weights())
+            placed = assign(
+                [g.name for g in self.config.pool], view.as_weights(), roster=self._roster_weights
+            )
             owners: dict[str, str | None] = {g.name: placed.get(g.name) for g in self.config.pool}
             self._owners_cache = (key, owners)
         return self._owners_cache[1]
@@ -249,15 +253,17 @@ class Daemon:
         self, kept: frozenset[str], holders: dict[str, frozenset[str]]
     ) -> None:
         """A group we keep that a peer also holds (a partition healed, a handover in flight, a
-        crashed daemon's leftover): clients may point at the other holder, so announce again the
-        moment the overlap is seen, not at some later refresh."""
+        crashed daemon's leftover), or anything we keep when a member came back: clients may
+        point at the other holder, so announce again at once, not at some later refresh."""
         contested = frozenset(g for g in kept if holders.get(g))
-        for name in sorted(contested - self._contested):
+        again = kept if self._reannounce_all else contested - self._contested
+        self._reannounce_all = False
+        for name in sorted(again):
             group = self.config.pool[self.pool_index[name]]
             log.info(
                 "reannounce",
                 group=name,
-                also_held_by=sorted(holders[name]),
+                also_held_by=sorted(holders.get(name, ())),
                 view=self.core.view.digest_hex,
             )
             self.core.counters["reannouncements"] += 1
@@ -384,9 +390,13 @@ class Daemon:
 
     # --- logging and status --------------------------------------------------------------
 
-    def _log_events(self) -> None:
+    def _handle_events(self) -> None:
         view = self.core.view.digest_hex
         while (event := self.core.next_event()) is not None:
+            if isinstance(event, ev.MemberJoined):
+                # A member back from silence (partition heal, restart) may hold, or may have
+                # made clients point at, anything: everything we keep is announced again.
+                self._reannounce_all = True
             name = _snake(type(event).__name__)
             fields = asdict(event)
             if isinstance(event, ev.PacketRejected):

@@ -103,7 +103,7 @@ def test_joining_members_are_placed_before_they_are_ready() -> None:
     nodes = make_cluster(3)
     net = Net(nodes, start=["n1", "n2"])
     net.run(1.0)
-    assert net.cores["n1"].view.members == ("n1", "n2")
+    assert list(net.cores["n1"].view.members) == ["n1", "n2"]
     net.start("n3")
     net.run(2 * STEP)
     assert not net.cores["n3"].ready
