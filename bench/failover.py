@@ -43,7 +43,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _fault(cluster: LabCluster, how: str, node: str) -> Callable[[], None]:
+def _fault(cluster: LabCluster, how: str, node: str) -> Callable[[], object]:
     """Inject the fault; return the function that undoes it."""
     lab = cluster.lab
     if how == "link":
@@ -89,20 +89,22 @@ def trial(cluster: LabCluster, how: str, interval: float) -> tuple[float, int]:
 
 def run_profile(profile: str, scenarios: list[str], runs: int, interval: float) -> list[Result]:
     results = [Result(profile, s) for s in scenarios]
-    with Lab(nodes=3, prefix=new_prefix()) as lab:  # built on entry, removed on exit
-        with LabCluster(lab, timing={"profile": profile}) as cluster:
-            cluster.start_all()
-            for result in results:
-                for i in range(runs):
-                    worst, lost_probes = trial(cluster, result.scenario, interval)
-                    result.outages.append(worst)
-                    result.lost_probes.append(lost_probes)
-                    print(
-                        f"  {profile:5} {result.scenario:5} #{i + 1}: outage {worst * 1000:6.0f} ms,"
-                        f" {lost_probes} probes lost",
-                        file=sys.stderr,
-                    )
-            cluster.remove_workdir()
+    # The lab is built on entry and removed on exit, daemons first.
+    with (
+        Lab(nodes=3, prefix=new_prefix()) as lab,
+        LabCluster(lab, timing={"profile": profile}) as cluster,
+    ):
+        cluster.start_all()
+        for result in results:
+            for i in range(runs):
+                worst, lost_probes = trial(cluster, result.scenario, interval)
+                result.outages.append(worst)
+                result.lost_probes.append(lost_probes)
+                print(
+                    f"  {profile:5} {result.scenario:5} #{i + 1}: outage {worst * 1000:6.0f} ms,"
+                    f" {lost_probes} probes lost",
+                    file=sys.stderr,
+                )
     return results
 
 
@@ -119,15 +121,15 @@ def main() -> int:
     results: list[Result] = []
     for profile in args.profiles.split(","):
         results += run_profile(profile, args.scenarios.split(","), args.runs, args.interval)
-    print(
-        f"\nclient outage per trial (worst moved address), probe every {args.interval * 1000:.0f} ms"
-    )
+    probe_ms = args.interval * 1000
+    print(f"\nclient outage per trial (worst moved address), probe every {probe_ms:.0f} ms")
     print(f"{'profile':8} {'fault':6} {'runs':>4} {'median':>8} {'p95':>8} {'max':>8} {'lost':>6}")
     for r in results:
         ms = [o * 1000 for o in r.outages]
+        lost_median = statistics.median(r.lost_probes)
         print(
             f"{r.profile:8} {r.scenario:6} {len(ms):4d} {statistics.median(ms):6.0f}ms"
-            f" {_percentile(ms, 0.95):6.0f}ms {max(ms):6.0f}ms {statistics.median(r.lost_probes):6.0f}"
+            f" {_percentile(ms, 0.95):6.0f}ms {max(ms):6.0f}ms {lost_median:6.0f}"
         )
     print("(lost = median probes lost per trial over all moved addresses; ~10 ms = no outage)")
     return 0
