@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vipd.control import request
 from vipd.lab.topology import MULTICAST_GROUP, MULTICAST_PORT, Lab, addresses_in
 
 T = TypeVar("T")
@@ -453,17 +453,7 @@ class LabCluster:
     def status(self, node: str, timeout: float = 2.0) -> dict[str, Any]:
         """The node's `status` result over its control socket (path-based Unix sockets are
         reachable from any network namespace)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.socket_path(node)))
-            s.sendall(b'{"cmd": "status"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        reply = json.loads(buf)
+        reply = request(self.socket_path(node), {"cmd": "status"}, timeout=timeout)
         if not reply.get("ok"):
             raise RuntimeError(f"status on {node}: {reply.get('error')}")
         result: dict[str, Any] = reply["result"]
@@ -557,18 +547,12 @@ class LabCluster:
         On timeout raise LabTimeout naming `what`, the last observation and the daemons' log
         tails: the failure message alone should say why.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                seen = last() if last is not None else value
-                raise LabTimeout(
-                    f"timed out after {timeout:.1f}s waiting for {what}; "
-                    f"last seen: {seen!r}\n" + self.logs_tail(nodes)
-                )
-            time.sleep(interval)
+
+        def explain(value: object) -> str:
+            seen = last() if last is not None else value
+            return f"; last seen: {seen!r}\n" + self.logs_tail(nodes)
+
+        return wait_for(predicate, timeout, what, interval, explain)
 
 
 def wait_for(
@@ -576,13 +560,16 @@ def wait_for(
     timeout: float,
     what: str = "condition",
     interval: float = 0.02,
+    explain: Callable[[object], str] | None = None,
 ) -> T:
-    """Poll `predicate` until truthy (module-level variant without log tails)."""
+    """Poll `predicate` until truthy; return that value. On timeout raise LabTimeout naming
+    `what`, plus whatever `explain(last value)` adds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise LabTimeout(f"timed out after {timeout:.1f}s waiting for {what}")
+            detail = explain(value) if explain is not None else ""
+            raise LabTimeout(f"timed out after {timeout:.1f}s waiting for {what}{detail}")
         time.sleep(interval)
