@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import random
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from vipd.keys import load_private_key, public_key_bytes
 from vipd.log import configure_logging
 from vipd.membership import events as ev
 from vipd.membership.core import MembershipCore
+from vipd.membership.driver import MembershipDriver
 from vipd.membership.transport import TransportError, open_multicast_socket
 from vipd.netif import mac_address
 from vipd.ratelimit import RateLimitedLog
@@ -41,8 +41,6 @@ from vipd.stats import StatsCollector
 
 log = structlog.get_logger("vipd")
 
-RECV_BUFFER = 2048  # > wire.MAX_DATAGRAM, so oversized datagrams are seen as such
-MAX_READS_PER_WAKEUP = 64  # a flood must not starve timers
 STATS_INTERVAL = 1.0
 STOP_GRACE = 2.0  # after handover_timeout, how long a stop may still take
 
@@ -73,14 +71,13 @@ class Daemon:
         self._owners_cache: tuple[tuple[str, ...], dict[str, str | None]] | None = None
         self._dirty = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._stop_deadline: float | None = None
         self._contested: frozenset[str] = frozenset()
         self._reannounce_all = False
-        self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._rejections = RateLimitedLog(log, interval=10.0)
-        self._send_errors = RateLimitedLog(log, interval=10.0)
+        self._errors = RateLimitedLog(log, interval=10.0)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -104,8 +101,10 @@ class Daemon:
             dead_after=cfg.timing.dead_after,
         )
         await self._remove_stale()
-        self._sock = open_multicast_socket(cfg.multicast_group, cfg.port, cfg.interface)
-        loop.add_reader(self._sock.fileno(), self._on_readable)
+        sock = open_multicast_socket(cfg.multicast_group, cfg.port, cfg.interface)
+        self.driver = MembershipDriver(
+            self.core, sock, (str(cfg.multicast_group), cfg.port), loop, self._step
+        )
         self.control = ControlServer(
             cfg.control_socket,
             cfg.control_mode,
@@ -121,6 +120,7 @@ class Daemon:
             loop.create_task(self._stats_loop(), name="stats"),
         ]
         systemd.notify("READY=1")
+        self.driver.start()
         self._step()
         await self._stopped.wait()
         await self._shutdown()
@@ -145,74 +145,45 @@ class Daemon:
         # Anything still held (handover timed out, apply failed) is released now.
         self.target = frozenset()
         await self._apply_once()
-        self._flush()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._sock is not None:
-            self.loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self.driver.close()
         await self.control.close()
         self.announcer.close()
         self.addresses.close()
         log.info("stopped")
 
-    # --- inputs --------------------------------------------------------------------------
-
-    def _on_readable(self) -> None:
-        assert self._sock is not None
-        for _ in range(MAX_READS_PER_WAKEUP):
-            try:
-                data, addr = self._sock.recvfrom(RECV_BUFFER)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self._send_errors.warning("receive_failed", key="recv", error=e.strerror)
-                break
-            self.core.receive(data, addr[0], now=self.loop.time(), wall=time.time())
-        self._step()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.core.handle_timer(now=self.loop.time())
-        self._step()
-
-    # --- the step: events, placement, datagrams, next timer ------------------------------
+    # --- the step: after every input, act on the core's events -----------------------
 
     def _step(self) -> None:
+        """Handle the core's events, re-plan what to hold, finish a stop, send what is due."""
         now = self.loop.time()
         self._handle_events()
         self._replan(now)
-        self._flush()
         if self.core.leaving and self._leave_complete():
             self._stopped.set()
-            return
-        if self._stop_deadline is not None and now >= self._stop_deadline:
+        elif self._stop_deadline is not None and now >= self._stop_deadline:
             log.warning("stop_deadline_passed", held=sorted(self._held_groups()))
             self._stopped.set()
-            return
-        self._arm_timer()
+        else:
+            self._arm_deadline()
+        self.driver.flush()
 
-    def _flush(self) -> None:
-        if self._sock is None:
-            return
-        dest = (str(self.config.multicast_group), self.config.port)
-        for datagram in self.core.datagrams_to_send(now=self.loop.time(), wall=time.time()):
-            try:
-                self._sock.sendto(datagram, dest)
-            except OSError as e:
-                self.core.counters["tx_errors"] += 1
-                self._send_errors.warning("send_failed", key="send", error=e.strerror)
-
-    def _arm_timer(self) -> None:
-        when = self.core.get_timer()
-        for extra in (self.policy.next_deadline(), self._stop_deadline):
-            if extra is not None:
-                when = min(when, extra)
-        if self._timer is not None:
-            if self._timer.when() == when:
+    def _arm_deadline(self) -> None:
+        """Our own deadlines (handover timeout, stop bound); the driver owns the core's timer."""
+        pending = [d for d in (self.policy.next_deadline(), self._stop_deadline) if d is not None]
+        when = min(pending) if pending else None
+        if self._deadline_timer is not None:
+            if when is not None and self._deadline_timer.when() == when:
                 return
-            self._timer.cancel()
-        self._timer = self.loop.call_at(when, self._on_timer)
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if when is not None:
+            self._deadline_timer = self.loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        self._step()
 
     def _owners(self) -> dict[str, str | None]:
         view = self.core.view
@@ -304,7 +275,7 @@ class Daemon:
             added = await self.addresses.add(a.interface, a.address)
         except InterfaceMissing as e:
             self.core.counters["claim_errors"] += 1
-            self._send_errors.error(
+            self._errors.error(
                 "claim_failed", key=f"claim {a.interface}", group=a.group, error=str(e)
             )
             return
@@ -350,7 +321,7 @@ class Daemon:
             try:
                 present = await self.addresses.list_addresses(iface)
             except InterfaceMissing as e:
-                self._send_errors.error("interface_missing", key=f"list {iface}", error=str(e))
+                self._errors.error("interface_missing", key=f"list {iface}", error=str(e))
                 present = set()
             found[iface] = {a for a in present if a.ip in self.pool_ips}
         return found
