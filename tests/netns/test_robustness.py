@@ -1,0 +1,104 @@
+"""What an operator will do to a running daemon, on the real kernel: delete an address by
+hand, configure an interface that does not exist, read the status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from vipd.config import load_config
+from vipd.lab.cluster import LabCluster
+from vipd.lab.topology import Lab
+
+pytestmark = pytest.mark.netns
+
+
+def test_address_deleted_by_hand_is_restored(cluster: LabCluster) -> None:
+    owners = cluster.wait_converged()
+    vip, holder = sorted(owners.items())[0]
+    cluster.lab.exec(holder, ["ip", "addr", "del", f"{vip}/32", "dev", "eth0"])
+    assert vip not in cluster.lab.addresses(holder)
+    interval = load_config(cluster.config_path(holder)).timing.reconcile_interval
+    cluster.wait_for(
+        lambda: vip in cluster.lab.addresses(holder),
+        interval + 2.0,
+        f"{holder} to restore {vip} within one reconcile interval",
+        nodes=[holder],
+    )
+    assert cluster.wait_converged() == owners  # repaired in place: nothing else moved
+    counters = cluster.status(holder)["counters"]
+    assert counters["drift_repairs"] >= 1
+    assert "drift" in cluster.log_path(holder).read_text()
+
+
+@pytest.fixture
+def ghost_cluster(lab: Lab) -> Iterator[LabCluster]:
+    """Group www6 is configured on an interface that exists on no node."""
+    c = LabCluster(lab)
+    for node in c.nodes:
+        path = c.config_path(node)
+        text = path.read_text()
+        block = '[[pool]]\nname = "www6"\ninterface = "eth0"'
+        assert block in text
+        path.write_text(text.replace(block, '[[pool]]\nname = "www6"\ninterface = "ghost0"'))
+    try:
+        c.start_all()
+        yield c
+    finally:
+        c.close(graceful=False)
+        c.remove_workdir()
+
+
+def test_missing_pool_interface_is_reported_and_the_rest_is_served(
+    ghost_cluster: LabCluster,
+) -> None:
+    c = ghost_cluster
+    served = [v for v in c.vips if v != "203.0.113.16"]
+
+    def everything_else_held() -> bool:
+        own = c.ownership()
+        return all(len(own.get(v, [])) == 1 for v in served)
+
+    c.wait_for(everything_else_held, 15.0, "the other groups to have one holder each")
+    owner = c.status(c.nodes[0])["pool"][5]["owner"]
+    assert owner in c.nodes
+
+    def reported() -> bool:
+        return bool(c.status(owner)["counters"].get("claim_errors", 0) >= 1)
+
+    c.wait_for(reported, 10.0, f"{owner} to count the failed claim", nodes=[owner])
+    log = c.log_path(owner).read_text()
+    assert "claim_failed" in log and "ghost0" in log, c.log_tail(owner)
+    for node in c.nodes:
+        assert c.running(node), f"{node} died over a missing interface"
+    assert "203.0.113.16" not in set().union(*c.holdings().values())
+
+
+def test_vipctl_status_against_a_live_daemon(cluster: LabCluster) -> None:
+    owners = cluster.wait_converged(balanced=True)
+    sock = str(cluster.socket_path("n1"))
+    vipctl = [sys.executable, "-m", "vipd.vipctl", "--socket", sock, "status"]
+    text = subprocess.run(vipctl, capture_output=True, text=True, check=True).stdout
+    assert "node n1  cluster" in text and "ready" in text
+    for node in cluster.nodes:
+        assert f"\n{node} " in text  # one row per member
+    for vip, owner in owners.items():
+        row = next(line for line in text.splitlines() if f"{vip}/32" in line)
+        assert f" {owner} " in row, row
+    parsed = json.loads(
+        subprocess.run([*vipctl, "--json"], capture_output=True, text=True, check=True).stdout
+    )
+    assert {g["group"]: g["owner"] for g in parsed["pool"]} == {
+        entry["group"]: entry["owner"] for entry in cluster.status("n1")["pool"]
+    }
+    missing = subprocess.run(
+        [sys.executable, "-m", "vipd.vipctl", "--socket", "/nonexistent/s", "status"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0
+    assert "no control socket at /nonexistent/s: is vipd running?" in missing.stderr
