@@ -110,11 +110,38 @@ def test_mac_must_be_six_bytes() -> None:
 # -- RawAnnouncer with in-memory senders ---------------------------------------------------
 
 
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when the test says so: schedules are checked
+    exactly, with no real sleeping and nothing for a loaded machine to make flaky."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+async def advance(seconds: float) -> None:
+    """Move the virtual clock and let every callback that became due run."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, VirtualClockLoop)
+    # 1 ms steps, so a timer that schedules another fires it in order, as real time would.
+    target = loop.now + seconds
+    while True:
+        loop.now = min(target, loop.now + 0.001)
+        for _ in range(3):  # due timers run, then whatever they scheduled at once
+            await asyncio.sleep(0)
+        if loop.now >= target:
+            return
+
+
 def in_loop(body: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """Run an async test body on a fresh event loop (no pytest-asyncio dependency)."""
+    """Run an async test body on a fresh virtual-clock loop (no pytest-asyncio dependency)."""
 
     def test() -> None:
-        asyncio.run(body())
+        with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+            runner.run(body())
 
     test.__doc__ = body.__doc__
     return test
@@ -173,7 +200,7 @@ async def test_burst_now_and_repeats_on_schedule() -> None:
     assert [Ether(f)[ARP].op for _, f in h.sent] == [1, 2]
     assert h.announcer.frames_sent[V4] == 2
     assert V4 in h.announcer.pending
-    await asyncio.sleep(0.1)
+    await advance(0.1)
     assert h.announcer.frames_sent[V4] == 6
     assert V4 not in h.announcer.pending  # schedule finished
     assert h.lookups == ["eth0"]  # MAC looked up once
@@ -188,7 +215,7 @@ async def test_cancel_stops_repeats() -> None:
     h = Harness(asyncio.get_running_loop(), (0.0, 0.02, 0.04))
     h.announcer.announce("eth0", V6)
     h.announcer.cancel(V6)
-    await asyncio.sleep(0.08)
+    await advance(0.08)
     assert h.announcer.frames_sent[V6] == 1
     assert not h.announcer.pending
     h.announcer.close()
@@ -198,9 +225,9 @@ async def test_cancel_stops_repeats() -> None:
 async def test_reannounce_restarts_schedule() -> None:
     h = Harness(asyncio.get_running_loop(), (0.0, 0.05))
     h.announcer.announce("eth0", V4)
-    await asyncio.sleep(0.03)
+    await advance(0.03)
     h.announcer.announce("eth0", V4)  # restart: the first repeat must not also fire
-    await asyncio.sleep(0.1)
+    await advance(0.1)
     # Two sends at offset 0 and one repeat (of the second schedule), two frames each.
     assert h.announcer.frames_sent[V4] == 3 * 2
     h.announcer.close()
@@ -223,7 +250,7 @@ async def test_async_lookup_shared_and_cancellable() -> None:
     h.announcer.cancel(ipaddress.IPv4Interface("203.0.113.11/32"))
     assert h.sent == []
     gate.set()
-    await asyncio.sleep(0.01)
+    await advance(0.01)
     assert calls == ["eth0"]  # one lookup for three addresses
     assert h.announcer.frames_sent == {V4: 2, V6: 1}
     h.announcer.close()
@@ -260,7 +287,7 @@ async def test_recreated_interface_gets_fresh_mac() -> None:
     h.announcer.announce("eth0", V4)
     macs.pop(0)
     h.senders["eth0"].generation += 1  # the name now denotes a new device
-    await asyncio.sleep(0.06)
+    await advance(0.06)
     sources = [Ether(f).src for _, f in h.sent]
     # Burst 1 at 0 with the old MAC; its repeat notices the new device, looks the MAC up
     # again and restarts the schedule with it; nothing old is sent after the change.
