@@ -22,7 +22,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vipd import systemd
-from vipd.addresses import AddressManager, InterfaceMissing, NetlinkAddressManager
+from vipd.addresses import AddressError, AddressManager, InterfaceMissing, NetlinkAddressManager
 from vipd.arp.announcer import Announcer, RawAnnouncer
 from vipd.assign import assign
 from vipd.config import Config, ConfigError, IPInterface, format_public_key, load_config
@@ -114,6 +114,8 @@ class Daemon:
         await self.control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        # SIGHUP's default would kill us without a graceful leave.
+        loop.add_signal_handler(signal.SIGHUP, self._reload_unsupported)
         self._tasks = [
             loop.create_task(self._apply_loop(), name="apply"),
             loop.create_task(self._reconcile_loop(), name="reconcile"),
@@ -135,6 +137,9 @@ class Daemon:
         self.core.leave()
         self._stop_deadline = self.loop.time() + self.config.timing.handover_timeout + STOP_GRACE
         self._step()
+
+    def _reload_unsupported(self) -> None:
+        log.warning("reload_unsupported", detail="this version does not reload; config unchanged")
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -316,6 +321,8 @@ class Daemon:
         )
 
     async def _kernel_pool_addresses(self) -> dict[str, set[IPInterface]]:
+        """Pool addresses the kernel has, per pool interface. An interface that is gone has
+        none; one whose listing failed for another reason is left out (unknown, not empty)."""
         found: dict[str, set[IPInterface]] = {}
         for iface in {g.interface for g in self.config.pool}:
             try:
@@ -323,6 +330,9 @@ class Daemon:
             except InterfaceMissing as e:
                 self._errors.error("interface_missing", key=f"list {iface}", error=str(e))
                 present = set()
+            except AddressError as e:
+                self._errors.error("list_failed", key=f"list {iface}", error=str(e))
+                continue
             found[iface] = {a for a in present if a.ip in self.pool_ips}
         return found
 
@@ -339,8 +349,8 @@ class Daemon:
         while True:
             await asyncio.sleep(self.config.timing.reconcile_interval)
             kernel = await self._kernel_pool_addresses()
-            for iface in set(kernel) | set(self.actual):
-                have, real = self.actual.get(iface, set()), kernel.get(iface, set())
+            for iface, real in kernel.items():
+                have = self.actual.get(iface, set())
                 if have != real:
                     log.warning(
                         "drift",

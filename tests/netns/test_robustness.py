@@ -4,6 +4,7 @@ hand, configure an interface that does not exist, read the status."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -102,3 +103,16 @@ def test_vipctl_status_against_a_live_daemon(cluster: LabCluster) -> None:
     )
     assert missing.returncode != 0
     assert "no control socket at /nonexistent/s: is vipd running?" in missing.stderr
+
+
+def test_sighup_does_not_kill_the_daemon(cluster: LabCluster) -> None:
+    owners = cluster.wait_converged(balanced=True)
+    cluster.send_signal("n2", signal.SIGHUP)
+    cluster.wait_for(
+        lambda: "reload_unsupported" in cluster.log_path("n2").read_text(),
+        5.0,
+        "n2 to log that it does not reload",
+        nodes=["n2"],
+    )
+    assert cluster.running("n2")
+    assert cluster.wait_converged() == owners
