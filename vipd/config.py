@@ -18,6 +18,15 @@ Timing fields (seconds; see docs/configuration.md for the trade-offs):
 - ``reconcile_interval``: how often the kernel's addresses are compared with the desired set.
 - ``freshness_window``: a heartbeat whose send time differs from ours by more than this is
   rejected as stale (replay defence across restarts). Needs clocks synchronised (NTP).
+- ``settle_time``: a planned move (taking a group a live peer holds) waits until every member
+  of the new view advertises the same view digest, or this long at most. Failover claims
+  (the holder is dead) never wait.
+- ``mature_after``: on a cold start, a node that hears no ready peer waits this long before
+  taking the whole pool (Wackamole's Mature); hearing a ready peer makes it mature at once.
+- ``flap_window`` / ``holddown``: a node that was cut off from the cluster twice within the
+  window (loop stalls longer than dead_after, losing every peer) stays out of placement for
+  ``holddown`` seconds (doubling per further flap, at most 8x), so it stops dragging addresses
+  back and forth.
 """
 
 from __future__ import annotations
@@ -68,6 +77,10 @@ class Timing:
     handover_timeout: float
     reconcile_interval: float
     freshness_window: float
+    settle_time: float
+    mature_after: float
+    flap_window: float
+    holddown: float
 
 
 #: Named timing profiles. ``lan``: failover ~0.8 s, survives 20% loss; ``fast``: ~0.2 s on a
@@ -80,6 +93,10 @@ PROFILES: dict[str, Timing] = {
         handover_timeout=2.0,
         reconcile_interval=2.0,
         freshness_window=30.0,
+        settle_time=0.75,
+        mature_after=3.0,
+        flap_window=60.0,
+        holddown=5.0,
     ),
     "fast": Timing(
         heartbeat_interval=0.02,
@@ -88,6 +105,10 @@ PROFILES: dict[str, Timing] = {
         handover_timeout=1.0,
         reconcile_interval=1.0,
         freshness_window=30.0,
+        settle_time=0.15,
+        mature_after=1.0,
+        flap_window=60.0,
+        holddown=2.0,
     ),
 }
 
@@ -137,6 +158,10 @@ class Config:
     log_level: str
     log_format: str
     announce: Announce = field(default_factory=Announce)
+    #: "all": every side of a partition serves every address (Wackamole); "majority": a side
+    #: with fewer than half of the roster releases everything (ties: the side with the first
+    #: roster name in sorted order keeps serving).
+    partition_policy: str = "all"
 
     def member(self, name: str) -> Member | None:
         for m in self.roster:
@@ -169,7 +194,7 @@ class Config:
 
 _SECTIONS: dict[str, frozenset[str]] = {
     "node": frozenset({"name", "private_key_file", "state_dir"}),
-    "cluster": frozenset({"name", "multicast_group", "port", "interface"}),
+    "cluster": frozenset({"name", "multicast_group", "port", "interface", "partition_policy"}),
     "timing": frozenset({"profile", *Timing.__dataclass_fields__}),
     "control": frozenset({"socket", "mode", "group"}),
     "log": frozenset({"level", "format"}),
@@ -179,6 +204,7 @@ _ROSTER_KEYS = frozenset({"name", "public_keys", "weight"})
 _POOL_KEYS = frozenset({"name", "interface", "addresses"})
 _TOP_KEYS = frozenset({*_SECTIONS, "roster", "pool"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+PARTITION_POLICIES = ("all", "majority")
 _LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -290,6 +316,13 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise r.fail("cluster.port", f"{port!r} is not a UDP port", "use 1-65535, e.g. 7710")
     interface = r.ifname(cluster, "interface", "cluster")
+    partition_policy = r.string(cluster, "partition_policy", "cluster", "all")
+    if partition_policy not in PARTITION_POLICIES:
+        raise r.fail(
+            "cluster.partition_policy",
+            f"unknown policy {partition_policy!r}",
+            f"use one of {', '.join(PARTITION_POLICIES)}",
+        )
 
     timing = _parse_timing(r, r.table(data, "timing", _SECTIONS["timing"]))
     roster = _parse_roster(r, data.get("roster"))
@@ -348,6 +381,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         log_level=level,
         log_format=fmt,
         announce=announce,
+        partition_policy=partition_policy,
     )
 
 
@@ -360,8 +394,10 @@ def _parse_timing(r: _Reader, t: Mapping[str, Any]) -> Timing:
     base = PROFILES[profile]
     values = {f: r.number(t, f, "timing", getattr(base, f)) for f in Timing.__dataclass_fields__}
     # startup_wait follows dead_after unless set: a newcomer must hear the members first.
-    if "startup_wait" not in t and "dead_after" in t:
-        values["startup_wait"] = values["dead_after"]
+    # (So does settle_time: agreement needs about one failure-detection window.)
+    for follower in ("startup_wait", "settle_time"):
+        if follower not in t and "dead_after" in t:
+            values[follower] = values["dead_after"]
     timing = replace(base, **values)
     if timing.dead_after < 3 * timing.heartbeat_interval:
         raise r.fail(

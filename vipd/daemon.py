@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vipd import systemd
 from vipd.addresses import AddressError, AddressManager, InterfaceMissing, NetlinkAddressManager
 from vipd.arp.announcer import Announcer, RawAnnouncer
-from vipd.assign import assign
 from vipd.config import Config, ConfigError, IPInterface, format_public_key, load_config
 from vipd.control import Caller, Command, ControlServer
+from vipd.controller import Controller
 from vipd.keys import load_private_key, public_key_bytes
 from vipd.log import configure_logging
 from vipd.membership import events as ev
@@ -35,7 +35,7 @@ from vipd.membership.driver import MembershipDriver
 from vipd.membership.transport import TransportError, open_multicast_socket
 from vipd.netif import mac_address
 from vipd.ratelimit import RateLimitedLog
-from vipd.reconcile import ClaimAddress, HandoverPolicy, ReleaseAddress, plan
+from vipd.reconcile import ClaimAddress, ReleaseAddress, plan
 from vipd.state import next_incarnation
 from vipd.stats import StatsCollector
 
@@ -63,18 +63,15 @@ class Daemon:
         self.rng = rng or random.Random()
         self.pool_index = {g.name: i for i, g in enumerate(config.pool)}
         self.pool_ips = {a.ip for g in config.pool for a in g.addresses}
-        self._roster_weights = {m.name: m.weight for m in config.roster}
-        self.policy = HandoverPolicy(config.node, config.timing.handover_timeout)
+        self.controller = Controller(config)
         # What this node holds in the kernel (pool addresses only), by interface.
         self.actual: dict[str, set[IPInterface]] = {g.interface: set() for g in config.pool}
         self.target: frozenset[str] = frozenset()
-        self._owners_cache: tuple[tuple[str, ...], dict[str, str | None]] | None = None
+        self._hold_reason = ""
         self._dirty = asyncio.Event()
         self._stopped = asyncio.Event()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._stop_deadline: float | None = None
-        self._contested: frozenset[str] = frozenset()
-        self._reannounce_all = False
         self._tasks: list[asyncio.Task[None]] = []
         self._rejections = RateLimitedLog(log, interval=10.0)
         self._errors = RateLimitedLog(log, interval=10.0)
@@ -176,7 +173,9 @@ class Daemon:
 
     def _arm_deadline(self) -> None:
         """Our own deadlines (handover timeout, stop bound); the driver owns the core's timer."""
-        pending = [d for d in (self.policy.next_deadline(), self._stop_deadline) if d is not None]
+        pending = [
+            d for d in (self.controller.next_deadline(), self._stop_deadline) if d is not None
+        ]
         when = min(pending) if pending else None
         if self._deadline_timer is not None:
             if when is not None and self._deadline_timer.when() == when:
@@ -190,62 +189,30 @@ class Daemon:
         self._deadline_timer = None
         self._step()
 
-    def _owners(self) -> dict[str, str | None]:
-        view = self.core.view
-        key = view.members + tuple(str(w) for w in view.weights)
-        if self._owners_cache is None or self._owners_cache[0] != key:
-            placed = assign(
-                [g.name for g in self.config.pool], view.as_weights(), roster=self._roster_weights
-            )
-            owners: dict[str, str | None] = {g.name: placed.get(g.name) for g in self.config.pool}
-            self._owners_cache = (key, owners)
-        return self._owners_cache[1]
-
     def _replan(self, now: float) -> None:
         core = self.core
-        owners = self._owners()
-        held = self._held_groups()
-        holders = {g: core.holders(self.pool_index[g]) for g in held}
-        keep, outcomes = self.policy.groups_to_hold(
-            owners=owners, held=held, holders=holders, observable=core.observable_peers(), now=now
-        )
-        for o in outcomes:
+        decision = self.controller.decide(core, self._held_groups(), now)
+        view = core.view.digest_hex
+        for o in decision.outcomes:
             level = log.warning if o.how in ("timeout", "stalled") else log.info
-            level(
-                "handover",
-                group=o.group,
-                new_owner=o.new_owner,
-                how=o.how,
-                view=core.view.digest_hex,
-            )
-        if not core.ready:
-            keep &= held  # a joining node listens; it claims nothing yet
-        self._reannounce_contested(keep & held, holders)
-        if keep != self.target:
-            self.target = keep
-            self._dirty.set()
-
-    def _reannounce_contested(
-        self, kept: frozenset[str], holders: dict[str, frozenset[str]]
-    ) -> None:
-        """A group we keep that a peer also holds (a partition healed, a handover in flight, a
-        crashed daemon's leftover), or anything we keep when a member came back: clients may
-        point at the other holder, so announce again at once, not at some later refresh."""
-        contested = frozenset(g for g in kept if holders.get(g))
-        again = kept if self._reannounce_all else contested - self._contested
-        self._reannounce_all = False
-        for name in sorted(again):
+            level("handover", group=o.group, new_owner=o.new_owner, how=o.how, view=view)
+        if decision.reason != self._hold_reason:
+            log.info("holding", reason=decision.reason, view=view)
+            self._hold_reason = decision.reason
+        for name in decision.announce:
             group = self.config.pool[self.pool_index[name]]
             log.info(
                 "reannounce",
                 group=name,
-                also_held_by=sorted(holders.get(name, ())),
-                view=self.core.view.digest_hex,
+                also_held_by=sorted(core.holders(self.pool_index[name])),
+                view=view,
             )
-            self.core.counters["reannouncements"] += 1
+            core.counters["reannouncements"] += 1
             for address in group.addresses:
                 self.announcer.announce(group.interface, address)
-        self._contested = contested
+        if decision.hold != self.target:
+            self.target = decision.hold
+            self._dirty.set()
 
     def _held_groups(self) -> frozenset[str]:
         """Groups with every address present in the kernel."""
@@ -374,10 +341,7 @@ class Daemon:
     def _handle_events(self) -> None:
         view = self.core.view.digest_hex
         while (event := self.core.next_event()) is not None:
-            if isinstance(event, ev.MemberJoined):
-                # A member back from silence (partition heal, restart) may hold, or may have
-                # made clients point at, anything: everything we keep is announced again.
-                self._reannounce_all = True
+            self.controller.observe(event)
             name = _snake(type(event).__name__)
             fields = asdict(event)
             if isinstance(event, ev.PacketRejected):
@@ -397,7 +361,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         core = self.core
         now = self.loop.time()
-        owners = self._owners()
+        owners = self.controller.owners(core.view)
         held = self._held_groups()
         members: list[dict[str, Any]] = [
             {

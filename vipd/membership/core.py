@@ -21,16 +21,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vipd.config import Config
 from vipd.membership import wire
 from vipd.membership.events import (
+    BecameMature,
     BecameReady,
     ClockSkew,
     ConfigMismatch,
     Event,
+    HolddownStarted,
     LoopStalled,
     MemberJoined,
     MemberLost,
     MemberRestarted,
     MemberStateChanged,
     PacketRejected,
+    SelfDisrupted,
     ViewChanged,
 )
 from vipd.membership.states import MONITORED, MemberState, Signal, next_state
@@ -38,6 +41,8 @@ from vipd.membership.wire import DecodeError, Flag, Heartbeat, Reject, Stats
 
 #: How many heartbeats a leaving node sends at once: one lost datagram must not hide it.
 LEAVE_BURST = 3
+#: Hold-down doubles with each further flap, up to this factor.
+HOLDDOWN_MAX_FACTOR = 8
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Peer:
     deadline: float | None = None
     flags: Flag = Flag.NONE
     view_digest: bytes = b""
+    config_digest: bytes = b""
     config_ok: bool = True
     held: frozenset[int] = frozenset()
     stats: Stats | None = None
@@ -106,8 +112,14 @@ class MembershipCore:
         }
         self.started = now
         self.ready = False
+        self.mature = False
         self.leaving = False
         self.draining = False
+        self.holddown_until: float | None = None
+        self._disruptions: deque[float] = deque()
+        self._isolated = False  # every peer we had was lost: we may be the one cut off
+        self._holders_version = 0
+        self._holders_cache: tuple[int, dict[int, frozenset[str]]] | None = None
         self.held: frozenset[int] = frozenset()
         self.stats: Stats | None = None
         self.counters: Counter[str] = Counter()
@@ -160,6 +172,12 @@ class MembershipCore:
     def _apply(self, peer: Peer, hb: Heartbeat, *, now: float, wall: float) -> None:
         if peer.incarnation and hb.incarnation > peer.incarnation and peer.state in MONITORED:
             self._events.append(MemberRestarted(peer.name, peer.incarnation, hb.incarnation))
+        if self._isolated and peer.state == MemberState.DEAD:
+            self._isolated = False
+            if hb.incarnation == peer.incarnation:
+                # A peer we had lost is back unchanged (no restart): the cut was on our side,
+                # or a partition; either way we were out of the cluster.
+                self._disrupted("rejoined after losing every peer", now)
         peer.incarnation, peer.seq = hb.incarnation, hb.seq
         peer.last_heard = now
         peer.deadline = now + self.timing.dead_after
@@ -178,8 +196,15 @@ class MembershipCore:
                 ConfigMismatch(peer.name, hb.config_digest.hex(), self._config_digest.hex())
             )
         peer.config_ok = config_ok
+        peer.config_digest = hb.config_digest
         # Group indices only mean the same thing when the pools are identical.
-        peer.held = hb.held if config_ok and hb.group_count == self._group_count else frozenset()
+        held = hb.held if config_ok and hb.group_count == self._group_count else frozenset()
+        if held != peer.held:
+            peer.held = held
+            self._holders_version += 1
+        if not self.mature and hb.flags & Flag.READY:
+            # Joining a running cluster: someone is already serving, no reason to wait.
+            self._become_mature("heard a ready member")
 
         if hb.flags & Flag.LEAVING:
             signal = Signal.HEARD_LEAVING
@@ -199,15 +224,25 @@ class MembershipCore:
             lag = now - self._armed
             self.counters["loop_stalls"] += 1
             self._events.append(LoopStalled(round(lag, 3)))
+            if lag >= self.timing.dead_after:
+                self._disrupted("loop stalled longer than dead_after", now)
             grace = now + 2 * self.timing.heartbeat_interval
             for peer in self.peers.values():
                 if peer.state in MONITORED and peer.deadline is not None:
                     peer.deadline = max(peer.deadline, grace)
+        had_peers = any(p.state in MONITORED for p in self.peers.values())
         for peer in self.peers.values():
             if peer.state in MONITORED and peer.deadline is not None and peer.deadline <= now:
                 self._transition(peer, Signal.SILENT)
+        if had_peers and not any(p.state in MONITORED for p in self.peers.values()):
+            self._isolated = True
         if not self.ready and now >= self.started + self.timing.startup_wait:
             self._become_ready(now)
+        if not self.mature and now >= self.started + self.timing.mature_after:
+            self._become_mature("mature_after passed with no ready member heard")
+        if self.holddown_until is not None and now >= self.holddown_until:
+            self.holddown_until = None
+            self._pending_burst = max(self._pending_burst, 1)  # the flag changed
         self._update_view()
 
     def leave(self) -> None:
@@ -237,6 +272,10 @@ class MembershipCore:
         due = [self._next_heartbeat]
         if not self.ready:
             due.append(self.started + self.timing.startup_wait)
+        if not self.mature:
+            due.append(self.started + self.timing.mature_after)
+        if self.holddown_until is not None:
+            due.append(self.holddown_until)
         due.extend(
             p.deadline
             for p in self.peers.values()
@@ -268,6 +307,8 @@ class MembershipCore:
         flags = Flag.READY if self.ready else Flag.JOINING
         if self.draining:
             flags |= Flag.DRAINING
+        if self.holddown_until is not None:
+            flags |= Flag.HOLDDOWN
         return flags
 
     @property
@@ -276,11 +317,44 @@ class MembershipCore:
 
     def holders(self, group: int) -> frozenset[str]:
         """Peers that currently advertise holding `group` (and are still heard)."""
-        return frozenset(
-            p.name
-            for p in self.peers.values()
-            if group in p.held and p.state in (*MONITORED, MemberState.LEFT)
+        return self.holders_map().get(group, frozenset())
+
+    def holders_map(self) -> dict[int, frozenset[str]]:
+        """group index -> peers advertising it; recomputed only when a held set changed."""
+        if self._holders_cache is None or self._holders_cache[0] != self._holders_version:
+            found: dict[int, set[str]] = {}
+            for p in self.peers.values():
+                if p.state in (*MONITORED, MemberState.LEFT):
+                    for g in p.held:
+                        found.setdefault(g, set()).add(p.name)
+            frozen = {g: frozenset(names) for g, names in found.items()}
+            self._holders_cache = (self._holders_version, frozen)
+        return self._holders_cache[1]
+
+    def view_agreed(self) -> bool:
+        """Every other member of our view advertises the same view digest as ours."""
+        return all(
+            self.peers[name].view_digest == self.view.digest
+            for name in self.view.members
+            if name != self.name
         )
+
+    @property
+    def config_passive(self) -> bool:
+        """True if another config digest wins among the live members: we then hold nothing,
+        so a config typo on some nodes can never produce two owners.
+
+        The digest shared by the most live members wins; on a tie, the one whose member
+        started first (lowest incarnation) wins, then the smaller digest. Every node computes
+        the same winner from the same heartbeats."""
+        camps: dict[bytes, list[int]] = {self._config_digest: [self.incarnation]}
+        for p in self.peers.values():
+            if p.state in MONITORED and p.config_digest:
+                camps.setdefault(p.config_digest, []).append(p.incarnation)
+        if len(camps) == 1:
+            return False
+        winner = max(camps, key=lambda d: (len(camps[d]), -min(camps[d]), d))
+        return winner != self._config_digest
 
     def observable_peers(self) -> frozenset[str]:
         """Peers whose advertised holdings we can read (heard, and same pool)."""
@@ -323,6 +397,7 @@ class MembershipCore:
             self._events.append(MemberLost(peer.name, "timeout"))
         elif new == MemberState.LEFT and old in MONITORED:
             self._events.append(MemberLost(peer.name, "left"))
+        self._holders_version += 1  # holders only count peers in some states
         if new not in MONITORED and new != MemberState.LEFT:
             peer.held = frozenset()
 
@@ -336,17 +411,41 @@ class MembershipCore:
         self._pending_burst = max(self._pending_burst, 1)
         self._events.append(BecameReady(round(now - self.started, 3)))
 
+    def _become_mature(self, reason: str) -> None:
+        self.mature = True
+        self._events.append(BecameMature(reason))
+
+    def _disrupted(self, reason: str, now: float) -> None:
+        window = self.timing.flap_window
+        self._disruptions.append(now)
+        while self._disruptions and self._disruptions[0] < now - window:
+            self._disruptions.popleft()
+        recent = len(self._disruptions)
+        self.counters["self_disruptions"] += 1
+        self._events.append(SelfDisrupted(reason, recent))
+        if recent >= 2:
+            seconds = self.timing.holddown * min(HOLDDOWN_MAX_FACTOR, 2 ** (recent - 2))
+            self.holddown_until = now + seconds
+            self._pending_burst = max(self._pending_burst, 1)
+            self.counters["holddowns"] += 1
+            self._events.append(HolddownStarted(recent, seconds))
+
     def _update_view(self) -> None:
         # Joining members are placed too (they claim only once ready): a cold-started cluster
         # then splits the pool once instead of every early node grabbing all of it, and a
         # joiner's groups stay with their holders until it can take them (make-before-break).
+        # Members in hold-down are placed only if nobody else can be: a flapping node must not
+        # drag addresses around, but nor may hold-down ever leave the pool unserved.
         entries: list[tuple[str, int, int]] = []
+        held_down: list[tuple[str, int, int]] = []
         if not self.leaving and not self.draining:
-            entries.append((self.name, self.incarnation, self.weight))
+            me = (self.name, self.incarnation, self.weight)
+            (held_down if self.holddown_until is not None else entries).append(me)
         for p in self.peers.values():
-            if p.state in MONITORED and not p.flags & Flag.DRAINING:
-                entries.append((p.name, p.incarnation, p.weight))
-        entries.sort()
+            if p.state in MONITORED and p.config_ok and not p.flags & Flag.DRAINING:
+                entry = (p.name, p.incarnation, p.weight)
+                (held_down if p.flags & Flag.HOLDDOWN else entries).append(entry)
+        entries = sorted(entries or held_down)
         h = hashlib.sha256(b"vipd-view-v1\0")
         for name, inc, _ in entries:
             h.update(f"{name}:{inc}\n".encode())

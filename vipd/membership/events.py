@@ -80,6 +80,31 @@ class LoopStalled:
 
 
 @dataclass(frozen=True)
+class BecameMature:
+    """This node may now take addresses: it heard a ready peer, or `mature_after` passed
+    on a cold start with nobody else up."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SelfDisrupted:
+    """This node was cut off from the cluster (a loop stall longer than dead_after, or losing
+    every peer and finding them again unchanged). Counted for hold-down."""
+
+    reason: str
+    recent: int
+
+
+@dataclass(frozen=True)
+class HolddownStarted:
+    """Flapped `flaps` times within flap_window: out of placement for `seconds`."""
+
+    flaps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ClockSkew:
     """A member's send time differs from our clock by `skew` seconds (more than half the
     freshness window): fix NTP before its heartbeats start being rejected as stale."""
@@ -99,4 +124,7 @@ Event = (
     | ConfigMismatch
     | LoopStalled
     | ClockSkew
+    | BecameMature
+    | SelfDisrupted
+    | HolddownStarted
 )

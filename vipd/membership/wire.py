@@ -59,6 +59,7 @@ class Flag(enum.IntFlag):
     READY = 2  # takes part in placement
     DRAINING = 4  # member, but holds nothing (operator drain)
     LEAVING = 8  # graceful stop: take my addresses now
+    HOLDDOWN = 16  # flapped recently: member, but placed only if nobody else can be
 
 
 class TLV(enum.IntEnum):

@@ -1,0 +1,128 @@
+"""What this node should hold and announce right now: pure, on top of the membership core.
+
+The daemon (and the simulator in the tests) feed it the core, the groups actually held in the
+kernel and the time; it answers with a `Decision`. The rules, in order:
+
+1. Leaving (graceful stop): placement is computed without us; every group we hold is handed
+   over make-before-break (kept until its new owner advertises holding it).
+2. Partition policy "majority": a side with fewer than half of the roster (ties: the side
+   with the first roster name in sorted order wins) holds nothing.
+3. Config mismatch: if another config digest wins among the live members, we hold nothing
+   after `handover_timeout` (the winners claim at once: they cannot read our holdings).
+4. Otherwise placement over the view decides. A group moving away is kept until its new
+   owner holds it (make-before-break). A group moving to us is claimed
+   - at once if no live peer holds it (failover, cold start: no extra round),
+   - else only once the view is agreed (every member advertises our view digest) or
+     `settle_time` has passed since the view appeared (planned change).
+   Nothing new is claimed before the node is ready and mature.
+5. Announcements: a group we keep that a peer also advertises (partition heal, a handover in
+   flight, a crashed daemon's leftovers) is re-announced when the overlap is first seen, and
+   everything we keep is re-announced when a member comes back from silence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vipd.assign import assign
+from vipd.config import Config
+from vipd.membership.core import MembershipCore, View
+from vipd.membership.events import Event, MemberJoined
+from vipd.reconcile import HandoverOutcome, HandoverPolicy
+
+
+@dataclass(frozen=True)
+class Decision:
+    hold: frozenset[str]  # groups to hold now (the kernel is brought to exactly this)
+    announce: tuple[str, ...]  # groups to announce again now
+    outcomes: tuple[HandoverOutcome, ...]  # handovers that finished (or stalled) just now
+    reason: str  # why the node holds what it holds: "placement", "leaving", "no quorum", ...
+
+
+class Controller:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node = config.node
+        self.groups = [g.name for g in config.pool]
+        self.index = {name: i for i, name in enumerate(self.groups)}
+        self.roster_weights = {m.name: m.weight for m in config.roster}
+        self.tiebreaker = min(self.roster_weights)
+        self.policy = HandoverPolicy(config.node, config.timing.handover_timeout)
+        self._owners_cache: tuple[tuple[tuple[str, int], ...], dict[str, str | None]] | None = None
+        self._view_seen: tuple[bytes, float] | None = None
+        self._passive_since: float | None = None
+        self._contested: frozenset[str] = frozenset()
+        self._announce_all = False
+        self._next_deadline: float | None = None
+
+    def observe(self, event: Event) -> None:
+        if isinstance(event, MemberJoined):
+            # A member back from silence (partition heal, restart) may hold, or may have made
+            # clients point at, anything: everything we keep is announced again.
+            self._announce_all = True
+
+    def owners(self, view: View) -> dict[str, str | None]:
+        key = tuple(zip(view.members, view.weights, strict=True))
+        if self._owners_cache is None or self._owners_cache[0] != key:
+            placed = assign(self.groups, dict(key), roster=self.roster_weights)
+            self._owners_cache = (key, {g: placed.get(g) for g in self.groups})
+        return self._owners_cache[1]
+
+    def has_quorum(self, view: View) -> bool:
+        if self.config.partition_policy == "all":
+            return True
+        members, roster = len(view.members), len(self.roster_weights)
+        return 2 * members > roster or (2 * members == roster and self.tiebreaker in view.members)
+
+    def next_deadline(self) -> float | None:
+        """When the last decision may change with no new input (a handover, settle or
+        config-mismatch timeout); always in the future, so a timer on it cannot spin."""
+        return self._next_deadline
+
+    def decide(self, core: MembershipCore, held: frozenset[str], now: float) -> Decision:
+        timing = self.config.timing
+        view = core.view
+        if self._view_seen is None or self._view_seen[0] != view.digest:
+            self._view_seen = (view.digest, now)
+        holders_by_index = core.holders_map()
+        holders = {g: holders_by_index.get(self.index[g], frozenset()) for g in self.groups}
+        owners = self.owners(view)
+        if not core.config_passive:
+            self._passive_since = None
+        elif self._passive_since is None:
+            self._passive_since = now
+
+        outcomes: list[HandoverOutcome] = []
+        deadlines: list[float | None] = []
+        if not core.leaving and not self.has_quorum(view):
+            hold, reason = frozenset[str](), "no quorum"
+        elif not core.leaving and self._passive_since is not None:
+            release_at = self._passive_since + timing.handover_timeout
+            hold, reason = (frozenset() if now >= release_at else held), "config mismatch"
+            deadlines.append(release_at)
+        else:
+            keep, outcomes = self.policy.groups_to_hold(
+                owners=owners,
+                held=held,
+                holders=holders,
+                observable=core.observable_peers(),
+                now=now,
+            )
+            deadlines.append(self.policy.next_deadline())
+            settle_at = self._view_seen[1] + timing.settle_time
+            settled = core.view_agreed() or now >= settle_at
+            may_claim = core.ready and core.mature and not core.leaving
+            hold = frozenset(
+                g for g in keep if g in held or (may_claim and (settled or not holders[g]))
+            )
+            if may_claim and hold != keep:
+                deadlines.append(settle_at)  # planned claims wait for agreement, or this
+            reason = "leaving" if core.leaving else "placement"
+
+        contested = frozenset(g for g in hold & held if holders[g])
+        again = hold & held if self._announce_all else contested - self._contested
+        self._announce_all = False
+        self._contested = contested
+        pending = [d for d in deadlines if d is not None and d > now]
+        self._next_deadline = min(pending) if pending else None
+        return Decision(hold, tuple(sorted(again)), tuple(outcomes), reason)
