@@ -120,6 +120,8 @@ class Member:
     name: str
     public_keys: tuple[bytes, ...]
     weight: int = 1
+    #: Where unicast heartbeats go (transport = "unicast"); not used for identity.
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,9 @@ class Config:
     #: with fewer than half of the roster releases everything (ties: the side with the first
     #: roster name in sorted order keeps serving).
     partition_policy: str = "all"
+    #: "multicast" (one datagram per heartbeat to the group) or "unicast" (one per peer, to
+    #: the roster addresses: for networks that filter multicast).
+    transport: str = "multicast"
 
     def member(self, name: str) -> Member | None:
         for m in self.roster:
@@ -194,17 +199,20 @@ class Config:
 
 _SECTIONS: dict[str, frozenset[str]] = {
     "node": frozenset({"name", "private_key_file", "state_dir"}),
-    "cluster": frozenset({"name", "multicast_group", "port", "interface", "partition_policy"}),
+    "cluster": frozenset(
+        {"name", "multicast_group", "port", "interface", "partition_policy", "transport"}
+    ),
     "timing": frozenset({"profile", *Timing.__dataclass_fields__}),
     "control": frozenset({"socket", "mode", "group"}),
     "log": frozenset({"level", "format"}),
     "announce": frozenset({"schedule"}),
 }
-_ROSTER_KEYS = frozenset({"name", "public_keys", "weight"})
+_ROSTER_KEYS = frozenset({"name", "public_keys", "weight", "address"})
 _POOL_KEYS = frozenset({"name", "interface", "addresses"})
 _TOP_KEYS = frozenset({*_SECTIONS, "roster", "pool"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 PARTITION_POLICIES = ("all", "majority")
+TRANSPORTS = ("multicast", "unicast")
 _LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -324,8 +332,23 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             f"use one of {', '.join(PARTITION_POLICIES)}",
         )
 
+    transport = r.string(cluster, "transport", "cluster", "multicast")
+    if transport not in TRANSPORTS:
+        raise r.fail(
+            "cluster.transport",
+            f"unknown transport {transport!r}",
+            f"use one of {', '.join(TRANSPORTS)}",
+        )
     timing = _parse_timing(r, r.table(data, "timing", _SECTIONS["timing"]))
     roster = _parse_roster(r, data.get("roster"))
+    if transport == "unicast":
+        for i, m in enumerate(roster):
+            if m.address is None:
+                raise r.fail(
+                    f"roster[{i}].address",
+                    f"is missing for {m.name!r}, and cluster.transport is unicast",
+                    'add address = "198.51.100.11" (the node\'s address on cluster.interface)',
+                )
     if not any(m.name == node_name for m in roster):
         raise r.fail(
             "node.name",
@@ -382,6 +405,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         log_format=fmt,
         announce=announce,
         partition_policy=partition_policy,
+        transport=transport,
     )
 
 
@@ -475,7 +499,22 @@ def _parse_roster(r: _Reader, roster: Any) -> tuple[Member, ...]:
         weight = entry.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
             raise r.fail(f"{where}.weight", f"{weight!r} is not a weight", "use an integer 1-1000")
-        members.append(Member(name=name, public_keys=tuple(keys), weight=weight))
+        address = None
+        if "address" in entry:
+            text = entry["address"]
+            try:
+                address = ipaddress.ip_address(text) if isinstance(text, str) else None
+            except ValueError:
+                address = None
+            if address is None or address.is_multicast or address.is_unspecified:
+                raise r.fail(
+                    f"{where}.address", f"{text!r} is not a unicast address", 'e.g. "198.51.100.11"'
+                )
+            if any(m.address == address for m in members):
+                raise r.fail(
+                    f"{where}.address", f"{address} is listed twice", "give each node its own"
+                )
+        members.append(Member(name=name, public_keys=tuple(keys), weight=weight, address=address))
     return tuple(members)
 
 

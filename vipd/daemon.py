@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +33,11 @@ from vipd.log import configure_logging
 from vipd.membership import events as ev
 from vipd.membership.core import MembershipCore
 from vipd.membership.driver import MembershipDriver
-from vipd.membership.transport import TransportError, open_multicast_socket
+from vipd.membership.transport import (
+    TransportError,
+    open_multicast_socket,
+    open_unicast_socket,
+)
 from vipd.netif import mac_address
 from vipd.ratelimit import RateLimitedLog
 from vipd.reconcile import ClaimAddress, ReleaseAddress, plan
@@ -98,10 +103,8 @@ class Daemon:
             dead_after=cfg.timing.dead_after,
         )
         await self._remove_stale()
-        sock = open_multicast_socket(cfg.multicast_group, cfg.port, cfg.interface)
-        self.driver = MembershipDriver(
-            self.core, sock, (str(cfg.multicast_group), cfg.port), loop, self._step
-        )
+        sock, destinations = open_transport(cfg)
+        self.driver = MembershipDriver(self.core, sock, destinations, loop, self._step)
         self.control = ControlServer(
             cfg.control_socket,
             cfg.control_mode,
@@ -407,6 +410,17 @@ class Daemon:
         }
 
 
+def open_transport(cfg: Config) -> tuple[socket.socket, list[tuple[str, int]]]:
+    """The heartbeat socket and where each heartbeat goes (the group, or every peer)."""
+    if cfg.transport == "multicast":
+        sock = open_multicast_socket(cfg.multicast_group, cfg.port, cfg.interface)
+        return sock, [(str(cfg.multicast_group), cfg.port)]
+    me = cfg.member(cfg.node)
+    assert me is not None and me.address is not None  # enforced by the config loader
+    peers = [(str(m.address), cfg.port) for m in cfg.roster if m.name != cfg.node and m.address]
+    return open_unicast_socket(me.address, cfg.port, cfg.interface), peers
+
+
 def _flag_names(flags: Any) -> list[str]:
     return [f.name.lower() for f in type(flags) if f.value and f in flags and f.name]
 
@@ -452,8 +466,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(daemon.run())
     except TransportError as e:
-        print(
-            f"vipd: config error: {config.path}: cluster.interface: {e}; fix the interface name",
-            file=sys.stderr,
-        )
+        print(f"vipd: config error: {config.path}: {e.key}: {e}; {e.fix}", file=sys.stderr)
         return 2

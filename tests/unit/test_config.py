@@ -81,7 +81,23 @@ CASES = [
     ("control.mode", "0666", "control.mode", "closed to others"),
     ("log.level", "loud", "log.level", "not a level"),
     ("pool.0.colour", "x", "pool[0].colour", "unknown key"),
+    ("cluster.transport", "pigeon", "cluster.transport", "unknown transport"),
+    ("cluster.partition_policy", "biggest", "cluster.partition_policy", "unknown policy"),
+    ("cluster.transport", "unicast", "roster[0].address", "is missing for 'n1'"),
+    ("roster.0.address", "239.1.1.1", "roster[0].address", "not a unicast address"),
 ]
+
+
+def test_unicast_roster_addresses() -> None:
+    data = base()
+    data["cluster"]["transport"] = "unicast"
+    data["roster"][0]["address"] = "198.51.100.11"
+    data["roster"][1]["address"] = "198.51.100.11"
+    assert "listed twice" in error_for(data).problem
+    data["roster"][1]["address"] = "198.51.100.12"
+    cfg = parse_config(data, Path("x.toml"))
+    assert cfg.transport == "unicast"
+    assert [str(m.address) for m in cfg.roster] == ["198.51.100.11", "198.51.100.12"]
 
 
 @pytest.mark.parametrize(("path", "value", "key", "problem"), CASES)

@@ -101,6 +101,7 @@ class LabCluster:
         log_level: str = "info",
         cluster_name: str = CLUSTER_NAME,
         write: bool = True,
+        transport: str = "multicast",
     ) -> None:
         self.lab = lab
         self.nodes = list(nodes) if nodes is not None else lab.node_names
@@ -112,6 +113,7 @@ class LabCluster:
         self.timing = timing if timing is not None else {"profile": "lan"}
         self.log_level = log_level
         self.cluster_name = cluster_name
+        self.transport = transport
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
         self.public_keys: dict[str, str] = {}
@@ -174,6 +176,7 @@ class LabCluster:
             f"multicast_group = {_toml_str(MULTICAST_GROUP)}",
             f"port = {MULTICAST_PORT}",
             'interface = "eth0"',
+            f"transport = {_toml_str(self.transport)}",
             "",
             "[timing]",
         ]
@@ -186,6 +189,7 @@ class LabCluster:
                 "[[roster]]",
                 f"name = {_toml_str(member)}",
                 f"public_keys = {_toml_list([self.public_keys[member]])}",
+                f"address = {_toml_str(self.lab.node_ip(member))}",
             ]
         for group, addrs in self.pool:
             lines += [

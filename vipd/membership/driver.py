@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -28,14 +28,14 @@ class MembershipDriver:
         self,
         core: MembershipCore,
         sock: socket.socket,
-        destination: tuple[str, int],
+        destinations: Sequence[tuple[str, int]],
         loop: asyncio.AbstractEventLoop,
         on_update: Callable[[], None],
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.core = core
         self._sock = sock
-        self._destination = destination
+        self._destinations = tuple(destinations)
         self._loop = loop
         self._on_update = on_update
         self._wall = wall_clock
@@ -65,11 +65,17 @@ class MembershipDriver:
             return
         now = self._loop.time()
         for datagram in self.core.datagrams_to_send(now=now, wall=self._wall()):
-            try:
-                self._sock.sendto(datagram, self._destination)
-            except OSError as e:  # ENETDOWN, ENOBUFS...: counted, retried at the next beat
-                self.core.counters["tx_errors"] += 1
-                self._errors.warning("send_failed", key="send", error=e.strerror)
+            for destination in self._destinations:
+                try:
+                    self._sock.sendto(datagram, destination)
+                except OSError as e:  # ENETDOWN, ENOBUFS...: counted, retried at the next beat
+                    self.core.counters["tx_errors"] += 1
+                    self._errors.warning(
+                        "send_failed",
+                        key=f"send {destination[0]}",
+                        to=destination[0],
+                        error=e.strerror,
+                    )
         when = self.core.get_timer()
         if self._timer is not None:
             if self._timer.when() == when:

@@ -1,6 +1,7 @@
-"""The heartbeat socket: UDP multicast on one interface, TTL 1, loopback off.
+"""The heartbeat socket: UDP multicast on one interface (TTL 1, loopback off), or unicast to
+each peer's roster address for networks that filter multicast.
 
-Only socket options live here; the protocol is in `core`, the event loop in `vipd.daemon`.
+Only socket options live here; the protocol is in `core`, the event loop in `driver`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ IP_MULTICAST_ALL = 49  # Linux: deliver only groups this socket joined (not in `
 
 
 class TransportError(Exception):
-    """The heartbeat socket cannot be set up; the message says which interface/address."""
+    """The heartbeat socket cannot be set up: `key` is the config setting to look at."""
+
+    def __init__(self, message: str, key: str, fix: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.fix = fix
 
 
 def open_multicast_socket(
@@ -23,7 +29,11 @@ def open_multicast_socket(
     try:
         ifindex = socket.if_nametoindex(interface)
     except OSError:
-        raise TransportError(f"interface {interface!r} does not exist") from None
+        raise TransportError(
+            f"interface {interface!r} does not exist",
+            "cluster.interface",
+            "name an interface this node has (ip link)",
+        ) from None
     family = socket.AF_INET if group.version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
@@ -50,6 +60,43 @@ def open_multicast_socket(
     except OSError as e:
         sock.close()
         raise TransportError(
-            f"cannot join {group} port {port} on {interface!r}: {e.strerror or e}"
+            f"cannot join {group} port {port} on {interface!r}: {e.strerror or e}",
+            "cluster.multicast_group",
+            "check the group, the port (in use?) and the interface",
+        ) from e
+    return sock
+
+
+def open_unicast_socket(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, interface: str
+) -> socket.socket:
+    """A UDP socket bound to this node's own roster address; TTL/hop limit 1 so heartbeats
+    never cross a router, like the multicast ones."""
+    try:
+        ifindex = socket.if_nametoindex(interface)
+    except OSError:
+        raise TransportError(
+            f"interface {interface!r} does not exist",
+            "cluster.interface",
+            "name an interface this node has (ip link)",
+        ) from None
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        with contextlib.suppress(PermissionError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        if address.version == 4:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+            sock.bind((str(address), port))
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+            sock.bind((str(address), port, 0, ifindex if address.is_link_local else 0))
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise TransportError(
+            f"cannot bind {address} port {port} on {interface!r}: {e.strerror or e}",
+            "roster.address",
+            "this node's roster address must be configured on cluster.interface",
         ) from e
     return sock
