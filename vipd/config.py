@@ -167,6 +167,8 @@ class Config:
     #: "multicast" (one datagram per heartbeat to the group) or "unicast" (one per peer, to
     #: the roster addresses: for networks that filter multicast).
     transport: str = "multicast"
+    #: Prometheus exporter address ("host:port"), or None to disable it.
+    metrics_listen: str | None = "127.0.0.1:9477"
 
     def member(self, name: str) -> Member | None:
         for m in self.roster:
@@ -206,6 +208,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "control": frozenset({"socket", "mode", "group"}),
     "log": frozenset({"level", "format"}),
     "announce": frozenset({"schedule"}),
+    "metrics": frozenset({"listen"}),
 }
 _ROSTER_KEYS = frozenset({"name", "public_keys", "weight", "address"})
 _POOL_KEYS = frozenset({"name", "interface", "addresses"})
@@ -385,6 +388,15 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         )
 
     announce = _parse_announce(r, r.table(data, "announce", _SECTIONS["announce"]))
+    metrics = r.table(data, "metrics", _SECTIONS["metrics"])
+    listen = metrics.get("listen", "127.0.0.1:9477")
+    host, _, port_text = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
+    if listen != "" and not (host and port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise r.fail(
+            "metrics.listen",
+            f"{listen!r} is not host:port",
+            'use e.g. "127.0.0.1:9477", or "" to turn the exporter off',
+        )
 
     return Config(
         path=path,
@@ -406,6 +418,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         announce=announce,
         partition_policy=partition_policy,
         transport=transport,
+        metrics_listen=listen or None,
     )
 
 

@@ -38,6 +38,7 @@ from vipd.membership.transport import (
     open_multicast_socket,
     open_unicast_socket,
 )
+from vipd.metrics import StatusCollector, serve
 from vipd.netif import mac_address
 from vipd.ratelimit import RateLimitedLog
 from vipd.reconcile import ClaimAddress, ReleaseAddress, plan
@@ -112,6 +113,8 @@ class Daemon:
             {"status": Command(self._cmd_status)},
         )
         await self.control.start()
+        self.metrics = StatusCollector()
+        self._exporter = serve(cfg.metrics_listen, self.metrics) if cfg.metrics_listen else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         # SIGHUP's default would kill us without a graceful leave.
@@ -154,6 +157,8 @@ class Daemon:
             self._deadline_timer.cancel()
         self.driver.close()
         await self.control.close()
+        if self._exporter is not None:
+            self._exporter.shutdown()
         self.announcer.close()
         self.addresses.close()
         log.info("stopped")
@@ -334,9 +339,11 @@ class Daemon:
             systemd.notify("WATCHDOG=1")
 
     async def _stats_loop(self) -> None:
+        """Once a second: our load figures into the heartbeat, a snapshot to the exporter."""
         collector = StatsCollector()
         while True:
             self.core.set_stats(collector.collect())
+            self.metrics.publish(self.status())
             await asyncio.sleep(STATS_INTERVAL)
 
     # --- logging and status --------------------------------------------------------------
@@ -392,7 +399,11 @@ class Daemon:
             "cluster": self.config.cluster,
             "incarnation": core.incarnation,
             "ready": core.ready,
+            "mature": core.mature,
             "leaving": core.leaving,
+            "passive": core.config_passive,
+            "holddown": core.holddown_until is not None,
+            "holding": self._hold_reason,
             "config_digest": core.config_digest.hex(),
             "view": {"digest": core.view.digest_hex, "members": list(core.view.members)},
             "members": members,
@@ -407,6 +418,7 @@ class Daemon:
                 for g in self.config.pool
             ],
             "counters": {**dict(core.counters), "rejected": dict(core.rejected)},
+            "announcements": {str(a): n for a, n in self.announcer.frames_sent.items()},
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,3 +117,29 @@ def test_sighup_does_not_kill_the_daemon(cluster: LabCluster) -> None:
     )
     assert cluster.running("n2")
     assert cluster.wait_converged() == owners
+
+
+def test_metrics_are_served_on_loopback_inside_the_node(cluster: LabCluster) -> None:
+    cluster.wait_converged(balanced=True)
+    held = cluster.holdings()["n1"]
+
+    def scrape() -> str:
+        with cluster.lab.socket("n1", socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", 9477))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def converged_snapshot() -> str | None:
+        text = scrape()
+        return text if "vipd_view_members 3.0" in text else None
+
+    # The snapshot is published once a second; wait for one taken after convergence.
+    text = cluster.wait_for(converged_snapshot, 5.0, "a snapshot of the converged view")
+    assert "vipd_heartbeats_received_total" in text
+    lines = text.splitlines()
+    n_held = sum(1 for x in lines if x.startswith("vipd_group_held{") and x.endswith(" 1.0"))
+    assert n_held == len(held) == 2

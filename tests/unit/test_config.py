@@ -85,6 +85,7 @@ CASES = [
     ("cluster.partition_policy", "biggest", "cluster.partition_policy", "unknown policy"),
     ("cluster.transport", "unicast", "roster[0].address", "is missing for 'n1'"),
     ("roster.0.address", "239.1.1.1", "roster[0].address", "not a unicast address"),
+    ("metrics.listen", "localhost", "metrics.listen", "not host:port"),
 ]
 
 

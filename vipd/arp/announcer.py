@@ -40,6 +40,9 @@ log = structlog.get_logger()
 class Announcer(Protocol):
     """Tells the link that this node now answers for an address (see docs/internals.md)."""
 
+    #: Frames that left, per address, cumulative (exported as a metric).
+    frames_sent: dict[IPInterface, int]
+
     def announce(self, interface: str, address: IPInterface) -> None:
         """Burst now plus scheduled repeats; a new call restarts the schedule."""
         ...
@@ -285,11 +288,13 @@ class FakeAnnouncer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str | None, IPInterface | None]] = []
         self.active: dict[IPInterface, str] = {}
+        self.frames_sent: dict[IPInterface, int] = {}
         self.closed = False
 
     def announce(self, interface: str, address: IPInterface) -> None:
         self.calls.append(("announce", interface, address))
         self.active[address] = interface
+        self.frames_sent[address] = self.frames_sent.get(address, 0) + 1
 
     def cancel(self, address: IPInterface) -> None:
         self.calls.append(("cancel", None, address))

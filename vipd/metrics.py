@@ -1,0 +1,113 @@
+"""Prometheus metrics, served on 127.0.0.1 by default.
+
+The exporter runs in prometheus_client's own HTTP thread. It never touches the daemon's live
+state: the event loop publishes a snapshot (the same dict `vipctl status --json` shows) and a
+scrape renders the latest one, so a slow scraper cannot stall heartbeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+#: status counter name -> (metric name without _total, help)
+COUNTERS = {
+    "rx_accepted": ("vipd_heartbeats_received", "Valid heartbeats received from peers."),
+    "tx_heartbeats": ("vipd_heartbeats_sent", "Heartbeats sent."),
+    "tx_errors": ("vipd_send_errors", "Heartbeat sends that failed (per destination)."),
+    "claims": ("vipd_address_claims", "Addresses added to the kernel."),
+    "claim_errors": ("vipd_address_claim_errors", "Address claims the kernel refused."),
+    "releases": ("vipd_address_releases", "Addresses removed from the kernel."),
+    "drift_repairs": ("vipd_drift_repairs", "Kernel address tables found changed by others."),
+    "reannouncements": ("vipd_reannouncements", "Groups announced again (overlap seen)."),
+    "members_lost": ("vipd_members_lost", "Peers lost after dead_after without a heartbeat."),
+    "loop_stalls": ("vipd_loop_stalls", "Times this daemon's own event loop ran late."),
+    "config_mismatch": ("vipd_config_mismatches", "Peers seen with a different config digest."),
+    "self_disruptions": ("vipd_self_disruptions", "Times this node was cut off (flaps)."),
+    "holddowns": ("vipd_holddowns", "Times this node held itself out of placement."),
+}
+
+
+class StatusCollector(Collector):
+    def __init__(self) -> None:
+        self._status: dict[str, Any] | None = None
+
+    def publish(self, status: dict[str, Any]) -> None:
+        self._status = status  # one reference swap: the scrape thread sees old or new
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._status
+        if s is None:
+            return
+        counters = s["counters"]
+        for key, (name, text) in COUNTERS.items():
+            yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+        rejected = CounterMetricFamily(
+            "vipd_datagrams_rejected", "Datagrams refused, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(counters.get("rejected", {}).items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+
+        for name, text, value in (
+            ("vipd_ready", "1 once the startup wait is over.", s["ready"]),
+            ("vipd_mature", "1 once the node may take addresses.", s.get("mature", False)),
+            ("vipd_leaving", "1 during a graceful stop.", s["leaving"]),
+            ("vipd_config_passive", "1 if another config digest wins.", s.get("passive", False)),
+            ("vipd_holddown", "1 while held out of placement.", s.get("holddown", False)),
+            (
+                "vipd_view_members",
+                "Members in this node's placement view.",
+                len(s["view"]["members"]),
+            ),
+            ("vipd_incarnation", "This daemon's incarnation.", s["incarnation"]),
+        ):
+            yield GaugeMetricFamily(name, text, value=float(value))
+
+        up = GaugeMetricFamily(
+            "vipd_member_up", "1 if the member is heard (joining or alive).", labels=["member"]
+        )
+        age = GaugeMetricFamily(
+            "vipd_member_last_heard_seconds",
+            "Seconds since the last valid heartbeat.",
+            labels=["member"],
+        )
+        config_ok = GaugeMetricFamily(
+            "vipd_member_config_match",
+            "1 if the member's config digest equals ours.",
+            labels=["member"],
+        )
+        for m in s["members"]:
+            up.add_metric([m["name"]], 1.0 if m["state"] in ("self", "alive", "joining") else 0.0)
+            if m["age"] is not None:
+                age.add_metric([m["name"]], m["age"])
+            config_ok.add_metric([m["name"]], 1.0 if m["config_digest_ok"] else 0.0)
+        yield from (up, age, config_ok)
+
+        held = GaugeMetricFamily(
+            "vipd_group_held", "1 if this node holds every address of the group.", labels=["group"]
+        )
+        for g in s["pool"]:
+            held.add_metric([g["group"]], 1.0 if g["held_here"] else 0.0)
+        yield held
+        frames = CounterMetricFamily(
+            "vipd_announce_frames",
+            "Gratuitous ARP / NA frames sent, by address.",
+            labels=["address"],
+        )
+        for address, count in sorted(s.get("announcements", {}).items()):
+            frames.add_metric([address], count)
+        yield frames
+
+
+def serve(listen: str, collector: StatusCollector) -> Any:
+    """Start the exporter on "host:port"; returns the HTTP server (call .shutdown())."""
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    return server
