@@ -17,7 +17,8 @@ kernel and the time; it answers with a `Decision`. The rules, in order:
    Nothing new is claimed before the node is ready and mature.
 5. Announcements: a group we keep that a peer also advertises (partition heal, a handover in
    flight, a crashed daemon's leftovers) is re-announced when the overlap is first seen, and
-   everything we keep is re-announced when a member comes back from silence.
+   everything we keep is re-announced when a member comes back from silence or when this
+   node finds it was cut off itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from vipd.assign import assign
 from vipd.config import Config
 from vipd.membership.core import MembershipCore, View
-from vipd.membership.events import Event, MemberJoined
+from vipd.membership.events import Event, MemberJoined, SelfDisrupted
 from vipd.reconcile import HandoverOutcome, HandoverPolicy
 
 
@@ -56,9 +57,10 @@ class Controller:
         self._next_deadline: float | None = None
 
     def observe(self, event: Event) -> None:
-        if isinstance(event, MemberJoined):
+        if isinstance(event, MemberJoined | SelfDisrupted):
             # A member back from silence (partition heal, restart) may hold, or may have made
-            # clients point at, anything: everything we keep is announced again.
+            # clients point at, anything; and if we were the one cut off (a stall), peers took
+            # our groups and clients followed them: everything we keep is announced again.
             self._announce_all = True
 
     def owners(self, view: View) -> dict[str, str | None]:
