@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
 import socket
 import struct
 import sys
@@ -20,7 +21,17 @@ import pytest
 from vipd.lab.arpwatch import announcements, load_events, parse_frame
 from vipd.lab.cluster import Background, wait_for
 from vipd.lab.probe import checksum, echo_request, last_success, load_records, lost, outage
-from vipd.lab.topology import Lab, ip_json, list_namespaces, run
+from vipd.lab.topology import (
+    CLIENT_IP4,
+    LOSS_TABLE,
+    MULTICAST_GROUP,
+    Lab,
+    ip_json,
+    list_namespaces,
+    netns_exec,
+    nft_binary,
+    run,
+)
 
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("020000000002")
@@ -279,3 +290,91 @@ def test_fault_helpers(bare_lab: Lab) -> None:
     assert carrier("n2")  # a partition the node cannot see
     lab.unblock_port("n2")
     assert lab.port_state("n2") == "forwarding"
+
+
+LOSS_PORT = 7799  # not vipd's port: nothing else in the lab listens here
+LOSS_SENDS = 1000
+
+
+def _multicast_receiver(lab: Lab, node: str) -> socket.socket:
+    sock = lab.socket(node, socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)  # never our own loss
+    sock.bind(("", LOSS_PORT))
+    own = lab.node_ip(node) if node != "client" else CLIENT_IP4
+    mreq = socket.inet_aton(MULTICAST_GROUP) + socket.inet_aton(own)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    sock.setblocking(False)
+    return sock
+
+
+def _multicast_delivery(lab: Lab, sender: str, receivers: Sequence[str]) -> dict[str, int]:
+    """Send LOSS_SENDS tagged datagrams from `sender` to the lab's multicast group (TTL 1);
+    return how many each receiver got."""
+    tag = secrets.token_bytes(8)  # ignore anything that is not from this round
+    rx = {n: _multicast_receiver(lab, n) for n in receivers}
+    tx = lab.socket(sender, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tx.setsockopt(
+            socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(lab.node_ip(sender))
+        )
+        tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        got = dict.fromkeys(receivers, 0)
+
+        def drain() -> None:
+            for node, sock in rx.items():
+                while True:
+                    try:
+                        data = sock.recv(64)
+                    except BlockingIOError:
+                        break
+                    got[node] += data.startswith(tag)
+
+        for i in range(LOSS_SENDS):
+            tx.sendto(tag + i.to_bytes(4, "big"), (MULTICAST_GROUP, LOSS_PORT))
+            if i % 50 == 49:
+                time.sleep(0.005)  # paced: a veth backlog must not be what loses frames
+                drain()
+        time.sleep(0.2)
+        drain()
+        return got
+    finally:
+        tx.close()
+        for sock in rx.values():
+            sock.close()
+
+
+@pytest.mark.netns
+def test_random_loss_is_real_per_port_and_cleared(bare_lab: Lab) -> None:
+    """set_loss drops about N % of the frames to or from the chosen ports, one draw per frame
+    (not one per port), and clear_loss restores lossless delivery."""
+    lab = bare_lab
+    everyone = ["n2", "client"]
+    clean = _multicast_delivery(lab, "n1", everyone)
+    assert clean == dict.fromkeys(everyone, LOSS_SENDS), f"loss before any set_loss: {clean}"
+
+    # Binomial(1000, 0.25): sd 13.7 datagrams. +-5 sd is 68; one draw per port instead of one
+    # per frame would lose 44 %, far outside, and so would no loss at all.
+    def lossy(received: int) -> bool:
+        return abs(received - 750) <= 68
+
+    lab.set_loss(25)  # every port
+    all_ports = _multicast_delivery(lab, "n1", everyone)
+    print(f"\n25 % on every port, n1 -> {all_ports} of {LOSS_SENDS}")
+    assert all(lossy(n) for n in all_ports.values()), all_ports
+    # >=: the counters also see whatever IPv6/IGMP chatter the hosts sent meanwhile.
+    assert lab.loss_drops() >= 2 * LOSS_SENDS - sum(all_ports.values())
+
+    lab.set_loss(25, nodes=["n2"])  # only n2's port: both of its directions, nobody else's
+    to_n2 = _multicast_delivery(lab, "n1", everyone)
+    from_n2 = _multicast_delivery(lab, "n2", ["n1", "client"])
+    print(f"25 % on n2's port: n1 -> {to_n2}, n2 -> {from_n2}")
+    assert lossy(to_n2["n2"]) and to_n2["client"] == LOSS_SENDS, to_n2
+    assert all(lossy(n) for n in from_n2.values()), from_n2
+
+    lab.clear_loss()
+    assert lab.loss_drops() == 0
+    after = _multicast_delivery(lab, "n1", everyone)
+    assert after == dict.fromkeys(everyone, LOSS_SENDS), f"loss after clear_loss: {after}"
+    ruleset = netns_exec(lab.switch_ns, [nft_binary(), "list", "ruleset"]).stdout
+    assert LOSS_TABLE not in ruleset, ruleset

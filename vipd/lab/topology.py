@@ -10,8 +10,10 @@ Every namespace and link name starts with the per-run prefix so that a crashed r
 cleaned up by prefix (`remove_namespaces`). No namespace gets a default route: the only routes
 are the connected ones plus the client's on-link routes to 203.0.113.0/24 and 2001:db8:1::/64.
 
-All changes go through iproute2 (`ip`, `bridge`) so what the lab does is what an operator
-would type; the kernel's own tables (`ip -j addr`, `ip -j neigh`) are the source of truth.
+All changes go through iproute2 (`ip`, `bridge`) and nftables (`nft`, random loss) so what
+the lab does is what an operator would type; the kernel's own tables (`ip -j addr`,
+`ip -j neigh`) are the source of truth. Fault state lives in the switch namespace only (port
+state, the loss table), so deleting that namespace removes every fault with it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +49,10 @@ IFNAME_MAX = 15
 MAX_NODES = 80  # 198.51.100.11 .. .90; .100 is the client
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,10}$")
 CLONE_NEWNET = 0x40000000
+#: nftables table (family bridge, in the switch namespace) that holds the random-loss rule.
+LOSS_TABLE = "vipd_lab_loss"
+#: Loss is drawn from numgen mod this, so percentages have 0.01 % resolution.
+_LOSS_SCALE = 10000
 
 
 class LabError(RuntimeError):
@@ -142,6 +149,17 @@ def mac_of(ns: str, ifname: str) -> str:
     if not links or "address" not in links[0]:
         raise LabError(f"no link {ifname} in namespace {ns}")
     return str(links[0]["address"]).lower()
+
+
+def nft_binary() -> str:
+    """Path of `nft`; /usr/sbin is searched too because a non-root PATH may lack it."""
+    found = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if found is None:
+        raise LabError(
+            "nft not found: random loss needs nftables (run scripts/bootstrap as root, or "
+            "apt-get install nftables)"
+        )
+    return found
 
 
 def list_namespaces() -> list[str]:
@@ -388,6 +406,66 @@ class Lab:
         out = run(["bridge", "-n", self.switch_ns, "-j", "link", "show", "dev", self.port(node)])
         data = json.loads(out.stdout or "[]")
         return str(data[0].get("state", "unknown")) if data else "unknown"
+
+    def set_loss(self, percent: float, nodes: Iterable[str] | None = None) -> None:
+        """Drop `percent` % of the frames the switch forwards to or from the ports of `nodes`
+        (node names and/or "client"; None: every port), at random, until `clear_loss`.
+
+        Each forwarded frame gets exactly one random draw even when both of its ports are
+        chosen, so a heartbeat from one node to another is lost with probability `percent`
+        (two per-port draws would make it 1-(1-p)^2). A flooded frame (multicast, broadcast)
+        is forwarded once per output port, so every receiver loses its copy independently,
+        like separate cables. An ICMP echo needs two frames: it fails with 1-(1-p)^2.
+
+        The kernel has no netem; this is an nftables `bridge` table in the switch namespace
+        (`numgen random`), replaced atomically on every call and gone with the namespace.
+        """
+        if not 0 <= percent <= 100:
+            raise ValueError(f"loss must be 0-100 %, not {percent}")
+        chosen = list(self.node_names) + (["client"] if self.client else [])
+        if nodes is not None:
+            chosen = list(nodes)
+        if not chosen or percent == 0:
+            self.clear_loss()
+            return
+        ports = "{ " + ", ".join(json.dumps(self.port(n)) for n in chosen) + " }"
+        draw = f"numgen random mod {_LOSS_SCALE} < {round(percent * _LOSS_SCALE / 100)}"
+        ruleset = f"""
+table bridge {LOSS_TABLE}
+delete table bridge {LOSS_TABLE}
+table bridge {LOSS_TABLE} {{
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        iifname {ports} {draw} counter drop
+        # A frame from a chosen port has had its draw: one draw per frame, whatever its way.
+        iifname {ports} accept
+        oifname {ports} {draw} counter drop
+    }}
+}}
+"""
+        # "table; delete table; table {...}" in one nft transaction: atomic and idempotent.
+        netns_exec(self.switch_ns, [nft_binary(), "-f", "-"], input=ruleset)
+
+    def clear_loss(self) -> None:
+        """Remove the random loss (a no-op when there is none)."""
+        script = f"table bridge {LOSS_TABLE}\ndelete table bridge {LOSS_TABLE}\n"
+        netns_exec(self.switch_ns, [nft_binary(), "-f", "-"], input=script)
+
+    def loss_drops(self) -> int:
+        """Frames dropped by the random-loss rules since the last `set_loss` (0 without)."""
+        proc = netns_exec(
+            self.switch_ns,
+            [nft_binary(), "-j", "list", "table", "bridge", LOSS_TABLE],
+            check=False,
+        )
+        if proc.returncode != 0:
+            return 0  # no table: no loss configured
+        total = 0
+        for item in json.loads(proc.stdout).get("nftables", []):
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    total += int(expr["counter"]["packets"])
+        return total
 
     # queries ---------------------------------------------------------------------------
     def addresses(self, node: str) -> set[str]:
