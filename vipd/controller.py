@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from vipd.assign import assign
 from vipd.config import Config
 from vipd.membership.core import MembershipCore, View
-from vipd.membership.events import Event, MemberJoined, SelfDisrupted
+from vipd.membership.events import Event, MemberJoined, MemberLost, SelfDisrupted
 from vipd.reconcile import HandoverOutcome, HandoverPolicy
 
 
@@ -54,27 +54,54 @@ class Controller:
         self._passive_since: float | None = None
         self._contested: frozenset[str] = frozenset()
         self._announce_all = False
+        self._last_loss: float | None = None
         self._next_deadline: float | None = None
 
-    def observe(self, event: Event) -> None:
+    def observe(self, event: Event, now: float) -> None:
         if isinstance(event, MemberJoined | SelfDisrupted):
             # A member back from silence (partition heal, restart) may hold, or may have made
             # clients point at, anything; and if we were the one cut off (a stall), peers took
-            # our groups and clients followed them: everything we keep is announced again.
+            # our groups and clients followed them: everything we own is announced again,
+            # once the view is agreed (announcing from a stale view would steal clients for
+            # groups we are about to give back).
             self._announce_all = True
+        elif isinstance(event, MemberLost):
+            self._last_loss = now
 
     def owners(self, view: View) -> dict[str, str | None]:
         key = tuple(zip(view.members, view.weights, strict=True))
         if self._owners_cache is None or self._owners_cache[0] != key:
-            placed = assign(self.groups, dict(key), roster=self.roster_weights)
-            self._owners_cache = (key, {g: placed.get(g) for g in self.groups})
+            self._owners_cache = (key, self._place(dict(key)))
         return self._owners_cache[1]
 
-    def has_quorum(self, view: View) -> bool:
+    def _place(self, members: dict[str, int]) -> dict[str, str | None]:
+        placed = assign(self.groups, members, roster=self.roster_weights)
+        return {g: placed.get(g) for g in self.groups}
+
+    def effective_owners(
+        self, core: MembershipCore, holders: dict[str, frozenset[str]]
+    ) -> dict[str, str | None]:
+        """Placement over the view, except that a group nobody holds whose owner is still in
+        its startup wait goes to a ready member for now (a failover must not wait for a
+        joiner); the joiner takes it over, make-before-break, once ready."""
+        owners = self.owners(core.view)
+        ready = core.ready_members()
+        if len(ready) == len(core.view.members) or not ready:
+            return owners
+        orphans = [g for g, o in owners.items() if o not in ready and not holders[g]]
+        if not orphans:
+            return owners
+        weights = core.view.as_weights()
+        interim = self._place({m: weights[m] for m in ready})
+        return {**owners, **{g: interim[g] for g in orphans}}
+
+    def has_quorum(self, connected: frozenset[str]) -> bool:
+        """Partition policy over the members we can hear (placed or not: a member in
+        hold-down is still on our side of a partition)."""
         if self.config.partition_policy == "all":
             return True
-        members, roster = len(view.members), len(self.roster_weights)
-        return 2 * members > roster or (2 * members == roster and self.tiebreaker in view.members)
+        members, roster = len(connected), len(self.roster_weights)
+        return 2 * members > roster or (2 * members == roster and self.tiebreaker in connected)
 
     def next_deadline(self) -> float | None:
         """When the last decision may change with no new input (a handover, settle or
@@ -88,7 +115,7 @@ class Controller:
             self._view_seen = (view.digest, now)
         holders_by_index = core.holders_map()
         holders = {g: holders_by_index.get(self.index[g], frozenset()) for g in self.groups}
-        owners = self.owners(view)
+        owners = self.effective_owners(core, holders)
         if not core.config_passive:
             self._passive_since = None
         elif self._passive_since is None:
@@ -96,7 +123,8 @@ class Controller:
 
         outcomes: list[HandoverOutcome] = []
         deadlines: list[float | None] = []
-        if not core.leaving and not self.has_quorum(view):
+        settled = False  # the view is agreed (or settle_time passed): safe to announce
+        if not core.leaving and not self.has_quorum(core.connected()):
             hold, reason = frozenset[str](), "no quorum"
         elif not core.leaving and self._passive_since is not None:
             release_at = self._passive_since + timing.handover_timeout
@@ -114,17 +142,35 @@ class Controller:
             settle_at = self._view_seen[1] + timing.settle_time
             settled = core.view_agreed() or now >= settle_at
             may_claim = core.ready and core.mature and not core.leaving
+            # Majority policy: after a loss, wait one heartbeat interval before failover
+            # claims, so a node being cut off (its peers expiring one by one) sees that it is
+            # in the minority before it claims and announces anything.
+            grace_until = (
+                self._last_loss + timing.heartbeat_interval
+                if self.config.partition_policy == "majority" and self._last_loss is not None
+                else now
+            )
             hold = frozenset(
-                g for g in keep if g in held or (may_claim and (settled or not holders[g]))
+                g
+                for g in keep
+                if g in held or (may_claim and (settled if holders[g] else now >= grace_until))
             )
             if may_claim and hold != keep:
-                deadlines.append(settle_at)  # planned claims wait for agreement, or this
+                # planned claims wait for agreement (or settle_time), failover ones the grace
+                deadlines += [settle_at, grace_until]
             reason = "leaving" if core.leaving else "placement"
 
-        contested = frozenset(g for g in hold & held if holders[g])
-        again = hold & held if self._announce_all else contested - self._contested
-        self._announce_all = False
-        self._contested = contested
+        # Announce only what placement gives us, and only from an agreed view: a stale view
+        # (just healed, just resumed) must not pull clients to groups we are about to release.
+        mine = frozenset(g for g in hold & held if owners.get(g) == self.node)
+        again: frozenset[str] = frozenset()
+        if reason == "placement" and settled:
+            contested = frozenset(g for g in mine if holders[g])
+            again = mine if self._announce_all else contested - self._contested
+            self._announce_all = False
+            self._contested = contested
+        elif self._announce_all or mine - self._contested:
+            deadlines.append(self._view_seen[1] + timing.settle_time)
         pending = [d for d in deadlines if d is not None and d > now]
         self._next_deadline = min(pending) if pending else None
         return Decision(hold, tuple(sorted(again)), tuple(outcomes), reason)

@@ -351,7 +351,7 @@ class Daemon:
     def _handle_events(self) -> None:
         view = self.core.view.digest_hex
         while (event := self.core.next_event()) is not None:
-            self.controller.observe(event)
+            self.controller.observe(event, self.loop.time())
             name = _snake(type(event).__name__)
             fields = asdict(event)
             if isinstance(event, ev.PacketRejected):

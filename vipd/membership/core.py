@@ -331,6 +331,22 @@ class MembershipCore:
             self._holders_cache = (self._holders_version, frozen)
         return self._holders_cache[1]
 
+    def ready_members(self) -> frozenset[str]:
+        """View members that have finished their startup wait (can claim right now)."""
+        return frozenset(
+            name
+            for name in self.view.members
+            if (self.ready if name == self.name else bool(self.peers[name].flags & Flag.READY))
+        )
+
+    def connected(self) -> frozenset[str]:
+        """Members we hear (and ourselves, unless leaving), whether placed or not: what a
+        partition policy counts. Hold-down and draining members are connected."""
+        names = {p.name for p in self.peers.values() if p.state in MONITORED and p.config_ok}
+        if not self.leaving:
+            names.add(self.name)
+        return frozenset(names)
+
     def view_agreed(self) -> bool:
         """Every other member of our view advertises the same view digest as ours."""
         return all(
