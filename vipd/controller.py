@@ -15,10 +15,11 @@ kernel and the time; it answers with a `Decision`. The rules, in order:
    - else only once the view is agreed (every member advertises our view digest) or
      `settle_time` has passed since the view appeared (planned change).
    Nothing new is claimed before the node is ready and mature.
-5. Announcements: a group we keep that a peer also advertises (partition heal, a handover in
-   flight, a crashed daemon's leftovers) is re-announced when the overlap is first seen, and
-   everything we keep is re-announced when a member comes back from silence or when this
-   node finds it was cut off itself.
+5. Announcements, only for groups placement gives us and only from an agreed view: a group
+   a peer also advertises (partition heal, one-way cut, a crashed daemon's leftovers) is
+   announced again when the overlap is first seen and when it ends; everything we own is
+   announced again when a member comes back from silence or when this node finds it was cut
+   off itself. A group moving away has its pending announcement repeats stopped at once.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from vipd.reconcile import HandoverOutcome, HandoverPolicy
 class Decision:
     hold: frozenset[str]  # groups to hold now (the kernel is brought to exactly this)
     announce: tuple[str, ...]  # groups to announce again now
+    quiet: tuple[str, ...]  # groups now moving away: stop their pending announcement repeats
     outcomes: tuple[HandoverOutcome, ...]  # handovers that finished (or stalled) just now
     reason: str  # why the node holds what it holds: "placement", "leaving", "no quorum", ...
 
@@ -55,6 +57,8 @@ class Controller:
         self._contested: frozenset[str] = frozenset()
         self._announce_all = False
         self._last_loss: float | None = None
+        self._overlapped: frozenset[str] = frozenset()  # owned groups seen doubly held
+        self._handing: frozenset[str] = frozenset()
         self._next_deadline: float | None = None
 
     def observe(self, event: Event, now: float) -> None:
@@ -79,14 +83,21 @@ class Controller:
         return {g: placed.get(g) for g in self.groups}
 
     def effective_owners(
-        self, core: MembershipCore, holders: dict[str, frozenset[str]]
+        self, core: MembershipCore, holders: dict[str, frozenset[str]], now: float
     ) -> dict[str, str | None]:
-        """Placement over the view, except that a group nobody holds whose owner is still in
-        its startup wait goes to a ready member for now (a failover must not wait for a
-        joiner); the joiner takes it over, make-before-break, once ready."""
+        """Placement over the view, except during a failover (a member lost within the last
+        startup_wait + settle_time): a group nobody holds whose owner is still in its startup
+        wait goes to a ready member for now, since a failover must not wait for a joiner; the
+        joiner takes it over, make-before-break, once ready. Not at a cold start, where every
+        node is about to be ready and the pool must be split once."""
         owners = self.owners(core.view)
+        timing = self.config.timing
+        failover = (
+            self._last_loss is not None
+            and now - self._last_loss < timing.startup_wait + timing.settle_time
+        )
         ready = core.ready_members()
-        if len(ready) == len(core.view.members) or not ready:
+        if not failover or len(ready) == len(core.view.members) or not ready:
             return owners
         orphans = [g for g, o in owners.items() if o not in ready and not holders[g]]
         if not orphans:
@@ -115,7 +126,7 @@ class Controller:
             self._view_seen = (view.digest, now)
         holders_by_index = core.holders_map()
         holders = {g: holders_by_index.get(self.index[g], frozenset()) for g in self.groups}
-        owners = self.effective_owners(core, holders)
+        owners = self.effective_owners(core, holders, now)
         if not core.config_passive:
             self._passive_since = None
         elif self._passive_since is None:
@@ -162,15 +173,26 @@ class Controller:
 
         # Announce only what placement gives us, and only from an agreed view: a stale view
         # (just healed, just resumed) must not pull clients to groups we are about to release.
+        # Overlaps are announced when first seen and again when they end (the other holder let
+        # go, but clients may still point at it): the heartbeat-level form of "announce again
+        # whenever another MAC answers for an address we hold".
         mine = frozenset(g for g in hold & held if owners.get(g) == self.node)
+        contested = frozenset(g for g in mine if holders[g])
+        self._overlapped = (self._overlapped | contested) & mine
         again: frozenset[str] = frozenset()
         if reason == "placement" and settled:
-            contested = frozenset(g for g in mine if holders[g])
-            again = mine if self._announce_all else contested - self._contested
+            ended = self._overlapped - contested
+            again = mine if self._announce_all else (contested - self._contested) | ended
             self._announce_all = False
             self._contested = contested
-        elif self._announce_all or mine - self._contested:
+            self._overlapped -= ended
+        elif self._announce_all or mine - self._contested or self._overlapped - contested:
             deadlines.append(self._view_seen[1] + timing.settle_time)
+        # A group held but no longer ours is being handed over: its claim-time repeats must
+        # not pull clients back from the new owner before we release it.
+        handing = (hold & held) - mine
+        quiet = handing - self._handing
+        self._handing = handing
         pending = [d for d in deadlines if d is not None and d > now]
         self._next_deadline = min(pending) if pending else None
-        return Decision(hold, tuple(sorted(again)), tuple(outcomes), reason)
+        return Decision(hold, tuple(sorted(again)), tuple(sorted(quiet)), tuple(outcomes), reason)

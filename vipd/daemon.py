@@ -207,6 +207,9 @@ class Daemon:
         if decision.reason != self._hold_reason:
             log.info("holding", reason=decision.reason, view=view)
             self._hold_reason = decision.reason
+        for name in decision.quiet:
+            for address in self.config.pool[self.pool_index[name]].addresses:
+                self.announcer.cancel(address)
         for name in decision.announce:
             group = self.config.pool[self.pool_index[name]]
             log.info(
