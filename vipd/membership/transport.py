@@ -23,17 +23,21 @@ class TransportError(Exception):
         self.fix = fix
 
 
-def open_multicast_socket(
-    group: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, interface: str
-) -> socket.socket:
+def _ifindex(interface: str) -> int:
     try:
-        ifindex = socket.if_nametoindex(interface)
+        return socket.if_nametoindex(interface)
     except OSError:
         raise TransportError(
             f"interface {interface!r} does not exist",
             "cluster.interface",
             "name an interface this node has (ip link)",
         ) from None
+
+
+def open_multicast_socket(
+    group: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, interface: str
+) -> socket.socket:
+    ifindex = _ifindex(interface)
     family = socket.AF_INET if group.version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
@@ -72,14 +76,7 @@ def open_unicast_socket(
 ) -> socket.socket:
     """A UDP socket bound to this node's own roster address; TTL/hop limit 1 so heartbeats
     never cross a router, like the multicast ones."""
-    try:
-        ifindex = socket.if_nametoindex(interface)
-    except OSError:
-        raise TransportError(
-            f"interface {interface!r} does not exist",
-            "cluster.interface",
-            "name an interface this node has (ip link)",
-        ) from None
+    ifindex = _ifindex(interface)
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
