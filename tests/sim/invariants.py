@@ -91,6 +91,9 @@ KNOWN_DEFECTS: dict[str, str] = {
     "K2": "no re-announce when another node's frames for an address we keep went out after "
     "ours (DESIGN: 'again whenever another MAC is seen answering'): clients stay on a node "
     "that released it",
+    "K6": "after a heal, a group held on both sides whose owner in the merged view is still "
+    "in its startup wait stays doubly held until that owner is ready (up to startup_wait, "
+    "more than one settle time with the fast profile)",
     # Fixed, kept for the record (no longer tagged): K1 quorum ignored hold-down members
     # (7ac1d76), K3 failover waited for a starting owner (7ac1d76), K4 a node being cut off
     # claimed before losing quorum (7ac1d76), K5 cold-start churn (after 7ac1d76).
@@ -367,7 +370,22 @@ class Checker:
                         f"t={since:.4f}; bound t={deadline:.4f} (last excuse ended "
                         f"t={self.excuse_end:.4f})",
                         ("I3", a, since),
+                        self._overlap_defect(a),
                     )
+
+    def _overlap_defect(self, a: str) -> str | None:
+        """K6: the group's owner in the holders' view is a member still in its startup wait,
+        so every current holder keeps it (make-before-break) until that member is ready."""
+        group = self.group_of[a]
+        for name in self.sim.holders(a):
+            proc = self.sim.nodes[name].proc
+            if proc is None:
+                continue
+            owner = proc.controller.owners(proc.core.view).get(group)
+            joiner = self.sim.nodes[owner].proc if owner else None
+            if owner != name and joiner is not None and not joiner.core.ready:
+                return "K6"
+        return None
 
     def _gap_excused_now(self) -> bool:
         """Gaps are allowed now, and for `converge` after: an excuse is active, or nobody
