@@ -109,9 +109,10 @@ def plan(
     claimed again with the configured one.
     """
     actions: list[Action] = []
+    # One index per interface, not per group: plan() must stay linear in the pool size.
+    by_iface = {iface: {a.ip: a for a in present} for iface, present in actual.items()}
     for group in pool:
-        present = actual.get(group.interface, frozenset())
-        by_ip = {a.ip: a for a in present}
+        by_ip = by_iface.get(group.interface, {})
         for address in group.addresses:
             found = by_ip.get(address.ip)
             if group.name in hold:
