@@ -14,7 +14,7 @@ Tests: `test_scenarios` (each design fault by hand), `test_random` (seeded sched
 `test_scale` (256 and 64 nodes), `test_mutations` (injected bugs must be caught),
 `test_defects` (reproductions of the vipd defects found, strict xfail).
 
-Run: ``.venv/bin/pytest tests/sim``. Replay a seed: ``VIPD_SIM_SEED=1234 .venv/bin/pytest
-tests/sim -k random`` (or ``.venv/bin/python -m tests.sim.schedules 1234``); longer hunt:
-``VIPD_SIM_SEEDS=20000``; see test_random.py for the other variables.
+Run: ``.venv/bin/pytest tests/sim``. Replay a seed: ``VIPD_SIM_SEED=1234 .venv/bin/pytest -s
+tests/sim/test_random.py -k schedules`` (or ``.venv/bin/python -m tests.sim.schedules 1234``);
+longer hunt: ``VIPD_SIM_SEEDS=20000``; see test_random.py for the other variables.
 """

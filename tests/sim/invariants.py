@@ -83,11 +83,12 @@ from vipd.assign import assign
 
 #: Defects this simulator found in vipd. A violation matching one is tagged with its key, so
 #: a regression names the defect it brings back; tests/sim/test_defects.py reproduces each.
-#: All are fixed: the random sweep fails on tagged violations too (VIPD_SIM_STRICT=0 would
-#: tolerate them while investigating).
+#: The random sweep fails on tagged violations too (VIPD_SIM_STRICT=0 tolerates them while
+#: investigating). Open on 65e03ee: K2 (seed 4189) and K6 (seed 2893), strict xfail there.
 KNOWN_DEFECTS: dict[str, str] = {
     # Tagged by the checker (I3-announce, I1-client). Fixed: stall (5db8211), heal (7ac1d76),
-    # overlap end and repeats during a handover (the commit after 7ac1d76).
+    # overlap end and repeats during a handover (65e03ee); open: a held group that becomes
+    # ours only after the overlap ended is never announced (seed 4189).
     "K2": "no re-announce when another node's frames for an address we keep went out after "
     "ours (DESIGN: 'again whenever another MAC is seen answering'): clients stay on a node "
     "that released it",

@@ -17,7 +17,8 @@ the end of the fault window everything is healed and every crashed daemon restar
 Times are in units of the profile's scale (``dead_after / 0.75``), so `fast` schedules are as
 long in heartbeats as `lan` ones. A schedule lasts about 15-40 s of virtual time under `lan`.
 
-Replay: ``VIPD_SIM_SEED=1234 .venv/bin/pytest tests/sim -k random`` (see test_random.py), or
+Replay: ``VIPD_SIM_SEED=1234 .venv/bin/pytest -s tests/sim/test_random.py -k schedules`` (see
+test_random.py), or
 ``.venv/bin/python -m tests.sim.schedules 1234`` which prints the schedule and writes the trace.
 """
 
@@ -260,7 +261,7 @@ def trace_dir() -> Path:
 
 
 def replay_command(seed: int) -> str:
-    return f"VIPD_SIM_SEED={seed} .venv/bin/pytest tests/sim -k random"
+    return f"VIPD_SIM_SEED={seed} .venv/bin/pytest -s tests/sim/test_random.py -k schedules"
 
 
 def run_schedule(sched: Schedule, *, write_trace: bool | None = None) -> SeedResult:

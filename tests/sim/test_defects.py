@@ -131,7 +131,7 @@ def test_k4_minority_node_claims_nothing_while_it_is_cut_off() -> None:
     assert claims == []
 
 
-# --- open on 7ac1d76, fixed since ---------------------------------------------------------
+# --- open on 7ac1d76, fixed since (but for seed 4189) ---------------------------------------
 
 
 @pytest.mark.parametrize("seed", [182, 248, 302, 349])
@@ -159,6 +159,22 @@ def test_k2_clients_reach_the_holder_after_every_overlap(seed: int) -> None:
     Common cause: nothing re-announces when an overlap *ends*; the design's "again whenever
     another MAC is seen answering for an address we hold" would cover all of them."""
     result = run_seed(seed, write_trace=False)
+    assert result.violations == [], "\n".join(map(str, result.violations[:3]))
+
+
+@pytest.mark.xfail(strict=True, reason="K2: a group that becomes ours after the overlap ended")
+def test_k2_group_that_becomes_ours_after_an_overlap_is_announced() -> None:
+    """Seed 4189 (lan, replay: VIPD_SIM_SEED=4189), open on 65e03ee. n04 holds g0034 but is
+    handing it to n01, a member that crashed while joining (placed, observable, never claims:
+    "stalled" handover, n04 keeps it). n04's loop stalls 1.38 s; n07, having lost n04 and n01,
+    claims g0034 and announces it (t=5.977). n04 resumes (t=6.644): its SelfDisrupted
+    re-announce covers only the groups it owns, and in its view g0034 still belongs to n01
+    (its stall-extended deadline for n01 has not run out). n07 hears n04 and hands g0034 back
+    (t=6.653). At t=6.844 n04 finally loses n01 and g0034 becomes its own, but the overlap is
+    over, so nothing announces it: clients stay on n07, which released it, for good (n04's
+    last frames for it are from t=3.25). Announcing a held group when it *becomes* ours (not
+    only when an overlap is seen or ends) would cover it."""
+    result = run_seed(4189, write_trace=False)
     assert result.violations == [], "\n".join(map(str, result.violations[:3]))
 
 

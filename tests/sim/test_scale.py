@@ -13,7 +13,7 @@ loader): heartbeat 1 s, dead_after 3 s (the loader's minimum ratio; no loss here
 The 256-node run uses `tests.sim.fastpath` (memoised Ed25519 verify / body decode / placement,
 an incremental `_update_view`), each equivalent to the real code, which
 `test_fastpath_is_equivalent` checks trace for trace. Set ``VIPD_SIM_BIG_REAL=1`` to run it on
-the unpatched code (about 4 minutes). The 64-node run always uses the unpatched code.
+the unpatched code (measured: 583 s on one core). The 64-node run always uses the unpatched code.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def _crash_and_join(nodes: int, groups: int) -> tuple[Sim, Checker, dict[str, fl
 
 
 def _unexplained(violations: list[Violation]) -> list[Violation]:
-    """Violations not explained by a known open defect (all of them with VIPD_SIM_STRICT=1)."""
-    strict = os.environ.get("VIPD_SIM_STRICT") == "1"
+    """Violations not explained by a known defect (all of them unless VIPD_SIM_STRICT=0)."""
+    strict = os.environ.get("VIPD_SIM_STRICT", "1") == "1"
     return [v for v in violations if strict or not v.known]
 
 
