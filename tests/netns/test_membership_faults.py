@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.conftest import _cluster_key
+from tests.netns.conftest import running
 from tests.netns.test_failover import (
     RecordProperty,
     client_follows,
@@ -50,15 +50,8 @@ LEAVE_WAIT = 10.0  # s: a graceful stop is bounded by handover_timeout; generous
 @pytest.fixture
 def fast_cluster(lab: Lab, request: pytest.FixtureRequest) -> Iterator[LabCluster]:
     """Like conftest's `cluster`, with the `fast` timing profile (0.02 s heartbeats)."""
-    c = LabCluster(lab, timing={"profile": "fast"})
-    request.node.stash[_cluster_key] = c  # daemon logs on failure, as for `cluster`
-    try:
-        c.start_all()
-        c.wait_converged(timeout=20.0, balanced=True)
+    with running(LabCluster(lab, timing={"profile": "fast"}), request) as c:
         yield c
-    finally:
-        c.close(graceful=False)
-        c.remove_workdir()
 
 
 @pytest.fixture(params=["lan", "fast"])

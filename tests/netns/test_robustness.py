@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.netns.conftest import running
 from vipd.config import load_config
 from vipd.lab.cluster import LabCluster
 from vipd.lab.topology import Lab
@@ -38,7 +39,7 @@ def test_address_deleted_by_hand_is_restored(cluster: LabCluster) -> None:
 
 
 @pytest.fixture
-def ghost_cluster(lab: Lab) -> Iterator[LabCluster]:
+def ghost_cluster(lab: Lab, request: pytest.FixtureRequest) -> Iterator[LabCluster]:
     """Group www6 is configured on an interface that exists on no node."""
     c = LabCluster(lab)
     for node in c.nodes:
@@ -47,12 +48,8 @@ def ghost_cluster(lab: Lab) -> Iterator[LabCluster]:
         block = '[[pool]]\nname = "www6"\ninterface = "eth0"'
         assert block in text
         path.write_text(text.replace(block, '[[pool]]\nname = "www6"\ninterface = "ghost0"'))
-    try:
-        c.start_all()
-        yield c
-    finally:
-        c.close(graceful=False)
-        c.remove_workdir()
+    with running(c, request, converge=False) as started:
+        yield started
 
 
 def test_missing_pool_interface_is_reported_and_the_rest_is_served(

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.netns.conftest import running
 from vipd.lab.cluster import LabCluster
 from vipd.lab.topology import CLIENT_IP4, MULTICAST_GROUP, MULTICAST_PORT, Lab
 
@@ -16,15 +17,9 @@ pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
-def unicast_cluster(lab: Lab) -> Iterator[LabCluster]:
-    c = LabCluster(lab, transport="unicast")
-    try:
-        c.start_all()
-        c.wait_converged(timeout=20.0, balanced=True)
+def unicast_cluster(lab: Lab, request: pytest.FixtureRequest) -> Iterator[LabCluster]:
+    with running(LabCluster(lab, transport="unicast"), request) as c:
         yield c
-    finally:
-        c.close(graceful=False)
-        c.remove_workdir()
 
 
 def test_unicast_cluster_converges_fails_over_and_sends_no_multicast(
