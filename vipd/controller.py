@@ -14,12 +14,17 @@ kernel and the time; it answers with a `Decision`. The rules, in order:
    - at once if no live peer holds it (failover, cold start: no extra round),
    - else only once the view is agreed (every member advertises our view digest) or
      `settle_time` has passed since the view appeared (planned change).
-   Nothing new is claimed before the node is ready and mature.
+   Nothing new is claimed before the node is ready and mature. A group whose owner is still
+   in its startup wait has an interim owner (`effective_owners`): a ready member holding
+   it, or during a failover a ready member if nobody holds it.
 5. Announcements, only for groups placement gives us and only from an agreed view: a group
    a peer also advertises (partition heal, one-way cut, a crashed daemon's leftovers) is
-   announced again when the overlap is first seen and when it ends; everything we own is
-   announced again when a member comes back from silence or when this node finds it was cut
-   off itself. A group moving away has its pending announcement repeats stopped at once.
+   announced again when the overlap is first seen and when it ends, and one a peer says it
+   let go of lately (a false failover claimed and released between two heartbeats) when
+   that is first seen; a group we already held
+   is announced again when it becomes ours; everything we own is announced again when a
+   member comes back from silence or when this node finds it was cut off itself. A group
+   moving away has its pending announcement repeats stopped at once.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class Controller:
         self._last_loss: float | None = None
         self._overlapped: frozenset[str] = frozenset()  # owned groups seen doubly held
         self._handing: frozenset[str] = frozenset()
+        self._owned: frozenset[str] = frozenset()  # groups held or claimed that are ours
+        self._became: frozenset[str] = frozenset()  # held groups that became ours: announce
+        self._let_go: frozenset[str] = frozenset()  # ours, advertised as released by a peer
+        self._let_go_new: frozenset[str] = frozenset()  # of those, not yet announced
         self._next_deadline: float | None = None
 
     def observe(self, event: Event, now: float) -> None:
@@ -83,28 +92,48 @@ class Controller:
         return {g: placed.get(g) for g in self.groups}
 
     def effective_owners(
-        self, core: MembershipCore, holders: dict[str, frozenset[str]], now: float
+        self,
+        core: MembershipCore,
+        holders: dict[str, frozenset[str]],
+        held: frozenset[str],
+        now: float,
     ) -> dict[str, str | None]:
-        """Placement over the view, except during a failover (a member lost within the last
-        startup_wait + settle_time): a group nobody holds whose owner is still in its startup
-        wait goes to a ready member for now, since a failover must not wait for a joiner; the
-        joiner takes it over, make-before-break, once ready. Not at a cold start, where every
-        node is about to be ready and the pool must be split once."""
+        """Placement over the view, except for groups whose owner is still in its startup
+        wait (it cannot claim yet); they get an interim owner, and the real owner takes them
+        over make-before-break once ready:
+
+        - a group someone holds stays with its ready holders, or the first of them by name
+          if there are several (a healed partition), so an overlap ends within one settle
+          time instead of lasting until the owner is ready, and the holder that keeps the
+          group owns it and so announces it (after a heal or a stall, for instance);
+        - during a failover (a member lost within the last startup_wait + settle_time), a
+          group nobody holds goes to a ready member, since a failover must not wait for a
+          joiner. Not at a cold start, where every node is about to be ready and the pool
+          must be split once."""
         owners = self.owners(core.view)
+        ready = core.ready_members()
+        if len(ready) == len(core.view.members) or not ready:
+            return owners
+        interim: dict[str, str | None] = {}
+        for g, owner in owners.items():
+            if owner in ready or owner is None:
+                continue
+            holding = holders[g] | {self.node} if g in held else holders[g]
+            if holding & ready:
+                interim[g] = min(holding & ready)
         timing = self.config.timing
         failover = (
             self._last_loss is not None
             and now - self._last_loss < timing.startup_wait + timing.settle_time
         )
-        ready = core.ready_members()
-        if not failover or len(ready) == len(core.view.members) or not ready:
-            return owners
-        orphans = [g for g, o in owners.items() if o not in ready and not holders[g]]
-        if not orphans:
-            return owners
-        weights = core.view.as_weights()
-        interim = self._place({m: weights[m] for m in ready})
-        return {**owners, **{g: interim[g] for g in orphans}}
+        orphans = [
+            g for g, o in owners.items() if o not in ready and not holders[g] and g not in held
+        ]
+        if failover and orphans:
+            weights = core.view.as_weights()
+            placed = self._place({m: weights[m] for m in ready})
+            interim.update({g: placed[g] for g in orphans})
+        return {**owners, **interim} if interim else owners
 
     def has_quorum(self, connected: frozenset[str]) -> bool:
         """Partition policy over the members we can hear (placed or not: a member in
@@ -126,7 +155,7 @@ class Controller:
             self._view_seen = (view.digest, now)
         holders_by_index = core.holders_map()
         holders = {g: holders_by_index.get(self.index[g], frozenset()) for g in self.groups}
-        owners = self.effective_owners(core, holders, now)
+        owners = self.effective_owners(core, holders, held, now)
         if not core.config_passive:
             self._passive_since = None
         elif self._passive_since is None:
@@ -176,17 +205,38 @@ class Controller:
         # Overlaps are announced when first seen and again when they end (the other holder let
         # go, but clients may still point at it): the heartbeat-level form of "announce again
         # whenever another MAC answers for an address we hold".
-        mine = frozenset(g for g in hold & held if owners.get(g) == self.node)
+        owned = frozenset(g for g in hold if owners.get(g) == self.node)
+        mine = owned & held
+        # A group we already held that becomes ours (its intended owner died or left during
+        # the handover) was last announced by whoever held it meanwhile, maybe not us: it is
+        # announced again. Fresh claims are not: the claim announces them.
+        self._became = (self._became | (mine - self._owned)) & mine
+        self._owned = owned
         contested = frozenset(g for g in mine if holders[g])
+        # A peer that let go of one of our groups lately may have claimed and released it
+        # between two heartbeats (a false failover): clients may point there, unseen by us.
+        released = core.released_map()
+        let_go = frozenset(g for g in mine if self.index[g] in released)
+        self._let_go_new = (self._let_go_new | (let_go - self._let_go)) & mine
+        self._let_go = let_go
         self._overlapped = (self._overlapped | contested) & mine
         again: frozenset[str] = frozenset()
         if reason == "placement" and settled:
             ended = self._overlapped - contested
-            again = mine if self._announce_all else (contested - self._contested) | ended
+            fresh = (contested - self._contested) | ended | self._became | self._let_go_new
+            again = mine if self._announce_all else fresh
             self._announce_all = False
             self._contested = contested
             self._overlapped -= ended
-        elif self._announce_all or mine - self._contested or self._overlapped - contested:
+            self._became = frozenset()
+            self._let_go_new = frozenset()
+        elif (
+            self._announce_all
+            or mine - self._contested
+            or self._overlapped - contested
+            or self._became
+            or self._let_go_new
+        ):
             deadlines.append(self._view_seen[1] + timing.settle_time)
         # A group held but no longer ours is being handed over: its claim-time repeats must
         # not pull clients back from the new owner before we release it.

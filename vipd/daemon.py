@@ -251,7 +251,9 @@ class Daemon:
                 await self._claim(action)
             else:
                 await self._release(action)
-        self.core.set_held(frozenset(self.pool_index[g] for g in self._held_groups()))
+        self.core.set_held(
+            frozenset(self.pool_index[g] for g in self._held_groups()), now=self.loop.time()
+        )
 
     async def _claim(self, a: ClaimAddress) -> None:
         try:

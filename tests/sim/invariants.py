@@ -84,21 +84,31 @@ from vipd.assign import assign
 #: Defects this simulator found in vipd. A violation matching one is tagged with its key, so
 #: a regression names the defect it brings back; tests/sim/test_defects.py reproduces each.
 #: The random sweep fails on tagged violations too (VIPD_SIM_STRICT=0 tolerates them while
-#: investigating). Open on 65e03ee: K2 (seed 4189) and K6 (seed 2893), strict xfail there.
+#: investigating), except for the defects in `OPEN_DEFECTS`, which it counts and shows.
 KNOWN_DEFECTS: dict[str, str] = {
     # Tagged by the checker (I3-announce, I1-client). Fixed: stall (5db8211), heal (7ac1d76),
-    # overlap end and repeats during a handover (65e03ee); open: a held group that becomes
-    # ours only after the overlap ended is never announced (seed 4189).
+    # overlap end and repeats during a handover (65e03ee), a held group that becomes ours
+    # after the overlap ended (seed 4189: "controller: interim owner ...").
     "K2": "no re-announce when another node's frames for an address we keep went out after "
     "ours (DESIGN: 'again whenever another MAC is seen answering'): clients stay on a node "
     "that released it",
     "K6": "after a heal, a group held on both sides whose owner in the merged view is still "
     "in its startup wait stays doubly held until that owner is ready (up to startup_wait, "
-    "more than one settle time with the fast profile)",
+    "more than one settle time with the fast profile)",  # fixed with seed 4189's K2
+    # Open (seed 416): needs the DESIGN's "announce again whenever another MAC is seen
+    # answering for an address we hold" (an ARP/NA listener), which heartbeats cannot replace.
+    "K7": "a node cut off from the holder (heartbeats only, policy 'all') claims its groups and "
+    "pulls the client over, then dies before the partition heals: the holder never sees an "
+    "overlap and nothing re-announces, so the client stays on the dead node's MAC",
+    # K8 (a false failover claimed and released between heartbeats, unseen by the owner)
+    # is tagged K2 by the checker: fixed by the RELEASED heartbeat field.
     # Fixed, kept for the record (no longer tagged): K1 quorum ignored hold-down members
     # (7ac1d76), K3 failover waited for a starting owner (7ac1d76), K4 a node being cut off
     # claimed before losing quorum (7ac1d76), K5 cold-start churn (after 7ac1d76).
 }
+
+#: Known and not fixed yet; each has a strict-xfail reproduction in test_defects.py.
+OPEN_DEFECTS = frozenset({"K7"})
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,9 @@ class Checker:
         self.gap_ok_until = 0.0
         self.gap_excused_at = 0.0
         # (deadline, address, survivor, overlap start, excuse epoch): client-entry checks
-        self._announce_due: list[tuple[float, str, str, float, int]] = []
+        # (due, address, survivor, overlap start, excuse epoch, overlap end)
+        self._announce_due: list[tuple[float, str, str, float, int, float]] = []
+        self._last_overlap: dict[str, float] = {}  # address -> start of its latest overlap
         self._excuse_epoch = 0  # counts excuses that began
         self.holddown_change = 0.0
         self._holddown: dict[int, bool] = {}
@@ -252,6 +264,8 @@ class Checker:
         ghosts = len(holders) - len(running)
         self._episode(self.gap_since, a, not holders, now)
         ended = self._episode(self.overlap_since, a, len(running) >= 2, now)
+        if a in self.overlap_since:
+            self._last_overlap[a] = self.overlap_since[a]
         if ended is not None:
             self.stats.max_overlap = max(self.stats.max_overlap, now - ended)
             if kernel_change and len(running) == 1 and not self._excused:
@@ -274,15 +288,17 @@ class Checker:
         one that keeps the address within `heal`: its frames came last (a claim, or a
         re-announce once it saw the other holder or the heal)."""
         self._announce_due.append(
-            (self.sim.now + self.bounds.heal, a, survivor, since, self._excuse_epoch)
+            (self.sim.now + self.bounds.heal, a, survivor, since, self._excuse_epoch, self.sim.now)
         )
 
     def _settle_announcements(self) -> None:
         now, due = self.sim.now, self._announce_due
         while due and due[0][0] <= now:
-            _, a, survivor, since, epoch = due.pop(0)
+            _, a, survivor, since, epoch, ended = due.pop(0)
             if sorted(self.sim.kernel_index.get(a, ())) != [survivor]:
                 continue  # it let the address go meanwhile, or another overlap began
+            if self.overlap_since.get(a, self._last_overlap.get(a, since)) > ended:
+                continue  # a later overlap (its own check is due later) moved the client
             if self._excused or epoch != self._excuse_epoch:
                 continue  # a new cut / burst / stall: clients may rightly point elsewhere
             client = self.sim.client_arp.get(a)
@@ -473,13 +489,14 @@ class Checker:
                 )
             else:
                 for a in self.texts_of[g.name]:
-                    if sim.client_arp.get(a) != who[0]:
+                    stale = sim.client_arp.get(a)
+                    if stale != who[0]:
                         self.fail(
                             "I1-client",
                             f"{g.name} ({a}) held by {who[0]}, but the client's neighbour "
-                            f"entry points at {sim.client_arp.get(a)}",
+                            f"entry points at {stale}",
                             ("I1-client", a, 0.0),
-                            known="K2",
+                            known="K7" if self._pulled_away_then_died(who[0], stale, a) else "K2",
                         )
         holding = {p: [g for g, w in holders.items() if p in w] for p in placed}
         # I5: balance among the placed members.
@@ -491,6 +508,23 @@ class Checker:
             self.last_stable_ok = now
             if quorum and self.check_i6:
                 self._check_movement(now, frozenset(placed), holders)
+
+    def _pulled_away_then_died(self, holder: str, stale: str | None, address: str) -> bool:
+        """K7: the client was last told `stale`'s MAC by frames `stale` sent while `holder`
+        could not hear it (a heartbeat-only partition, policy "all"), and `stale` is gone
+        since, so no heartbeat ever showed `holder` the overlap."""
+        sim = self.sim
+        if stale is None or sim.nodes[stale].running:
+            return False
+        frames = [t for t, who in sim.announcements.get(address, []) if who == stale]
+        lost = joined = -1.0
+        for t, who, text in sim.trace.lines:
+            if who == holder and f"(name='{stale}'" in text:
+                if text.startswith("MemberLost"):
+                    lost = t
+                elif text.startswith("MemberJoined"):
+                    joined = t
+        return bool(frames) and lost > joined and frames[-1] > lost
 
     def _check_movement(
         self, now: float, placed: frozenset[str], holders: dict[str, list[str]]

@@ -644,7 +644,7 @@ class Sim:
             return
         # Pass complete: tell the core what we hold (announced at once), then step again.
         index = proc.index
-        proc.core.set_held(frozenset(index[g] for g in proc.held_groups()))
+        proc.core.set_held(frozenset(index[g] for g in proc.held_groups()), now=self.now)
         proc.applying = False
         if proc.dirty:
             # The target changed during the pass: the daemon steps, then applies again.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tests.clusterkit import Node, make_cluster
-from tests.unit.test_core import Net
+from tests.unit.test_core import STEP, Net
 from vipd.controller import Controller
 from vipd.membership.events import HolddownStarted, SelfDisrupted
 from vipd.membership.wire import Flag
@@ -73,7 +73,7 @@ def test_planned_claims_wait_for_view_agreement_failover_claims_do_not() -> None
     net.run(4.0)
     n1, n2 = net.cores["n1"], net.cores["n2"]
     ctl = Controller(net.nodes["n1"].config)
-    n2.set_held(frozenset(range(6)))  # n2 holds the whole pool (say n1 just restarted)
+    n2.set_held(frozenset(range(6)), now=net.now)  # n2 holds the whole pool (n1 restarted?)
     net.run(0.05)
     # n3 joins while n2's datagrams are lost: n1's view gains n3, but n2 still advertises
     # the old view digest, so the new view is not agreed yet.
@@ -98,7 +98,7 @@ def test_planned_claims_go_ahead_after_settle_time_without_agreement() -> None:
     net = Net(make_cluster(3), start=["n1", "n2"])
     net.run(4.0)
     n1, n2 = net.cores["n1"], net.cores["n2"]
-    n2.set_held(frozenset(range(6)))
+    n2.set_held(frozenset(range(6)), now=net.now)
     net.run(0.05)
     ctl = Controller(net.nodes["n1"].config)
     net.cut.add("n2")
@@ -166,3 +166,78 @@ def test_holddown_never_leaves_the_pool_unplaced() -> None:
         net.run(0.3)
     assert net.cores["n1"].flags & Flag.HOLDDOWN and net.cores["n2"].flags & Flag.HOLDDOWN
     assert net.cores["n1"].view.members == ("n1", "n2")  # all held down: all placed
+
+
+def _group_placed(ctl: Controller, before: tuple[str, ...], on: str, after_on: str) -> str:
+    """A group placement gives to `on` over `before` and to `after_on` once `on` is gone."""
+    weights = dict.fromkeys(before, 1)
+    first = ctl._place(weights)
+    then = ctl._place({m: w for m, w in weights.items() if m != on})
+    return next(g for g in ctl.groups if first[g] == on and then[g] == after_on)
+
+
+def test_a_doubly_held_group_stays_with_one_holder_while_its_owner_is_starting() -> None:
+    """A healed partition: n1 and n2 both hold a group whose owner in the merged view, n3, is
+    still in its startup wait. The overlap must end now (within one settle time), not when
+    n3 is ready: the first ready holder by name keeps it, the other releases it."""
+    net = Net(make_cluster(4, groups=12), start=["n1", "n2"])
+    net.run(4.0)
+    ctl = controllers(net)
+    group = _group_placed(ctl["n1"], ("n1", "n2", "n3"), "n3", "n1")
+    index = ctl["n1"].index[group]
+    for name in ("n1", "n2"):
+        net.cores[name].set_held(net.cores[name].held | {index}, now=net.now)
+    net.start("n3")  # n4 never answers: n3 stays in its startup wait
+    net.run(0.2)
+    assert not net.cores["n3"].ready and "n3" in net.cores["n1"].view.members
+    n1 = ctl["n1"].decide(net.cores["n1"], frozenset({group}), net.now)
+    n2 = ctl["n2"].decide(net.cores["n2"], frozenset({group}), net.now)
+    assert group in n1.hold and group not in n2.hold
+    assert [(o.group, o.new_owner, o.how) for o in n2.outcomes] == [(group, "n1", "confirmed")]
+    # Once n3 is ready it takes the group over from n1, make-before-break.
+    net.run(net.cores["n3"].timing.startup_wait)
+    assert net.cores["n3"].ready
+    n3 = Controller(net.nodes["n3"].config)
+    assert group in n3.decide(net.cores["n3"], frozenset(), net.now).hold
+
+
+def test_a_held_group_that_becomes_ours_is_announced_again() -> None:
+    """n1 still holds a group it is handing to n3 (n3 never claimed it); n3 dies and the group
+    becomes n1's. Whoever clients last heard for it, n1 must announce it now: nothing else
+    will (it was never contested, and n1 never claimed it afresh)."""
+    net = Net(make_cluster(3, groups=12))
+    net.run(1.0)
+    ctl = Controller(net.nodes["n1"].config)
+    group = _group_placed(ctl, ("n1", "n2", "n3"), "n3", "n1")
+    owned = {g for g, o in ctl.owners(net.cores["n1"].view).items() if o == "n1"}
+    held = frozenset({group}) | owned
+    first = ctl.decide(net.cores["n1"], held, net.now)
+    assert group in first.hold and group not in first.announce  # kept while handing over
+    net.cut.add("n3")
+    net.run(net.cores["n1"].timing.dead_after + 0.1)
+    assert net.cores["n1"].view.members == ("n1", "n2")
+    decisions = [ctl.decide(net.cores["n1"], held, net.now)]
+    net.run(net.cores["n1"].timing.settle_time)
+    decisions.append(ctl.decide(net.cores["n1"], held, net.now))
+    announced = [g for d in decisions for g in d.announce]
+    assert announced == [group]
+
+
+def test_the_owner_announces_a_group_a_peer_claimed_and_let_go_of_unseen() -> None:
+    """A false failover between two heartbeats: n2 claims one of n1's groups (its frames pull
+    clients over) and lets go before any heartbeat lists it. n1 learns it from RELEASED and
+    announces the group again, once."""
+    net = Net(make_cluster(3, groups=12))
+    net.run(1.0)
+    ctl = Controller(net.nodes["n1"].config)
+    held = frozenset(g for g, o in ctl.owners(net.cores["n1"].view).items() if o == "n1")
+    ctl.decide(net.cores["n1"], held, net.now)  # (the first decision announces what it holds)
+    assert ctl.decide(net.cores["n1"], held, net.now).announce == ()
+    group = min(held)
+    n2 = net.cores["n2"]
+    n2.set_held(n2.held | {ctl.index[group]}, now=net.now)
+    n2.set_held(n2.held - {ctl.index[group]}, now=net.now)
+    net.run(2 * STEP)
+    assert ctl.decide(net.cores["n1"], held, net.now).announce == (group,)
+    net.run(0.5)
+    assert ctl.decide(net.cores["n1"], held, net.now).announce == ()

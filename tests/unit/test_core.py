@@ -170,10 +170,29 @@ def test_restart_with_higher_incarnation_rejoins() -> None:
 def test_heartbeats_carry_what_a_node_holds() -> None:
     net = Net(make_cluster(3))
     net.run(0.5)
-    net.cores["n2"].set_held(frozenset({1, 4}))
+    net.cores["n2"].set_held(frozenset({1, 4}), now=net.now)
     net.run(2 * STEP)  # a change is announced at once, not at the next interval
     assert net.cores["n1"].holders(1) == frozenset({"n2"})
     assert net.cores["n1"].holders(0) == frozenset()
+
+
+def test_heartbeats_carry_what_a_node_let_go_of_for_two_dead_after() -> None:
+    """A group released is listed as RELEASED for 2 x dead_after, so its owner learns that
+    clients may still point at the releaser even if no heartbeat ever showed it held."""
+    net = Net(make_cluster(3))
+    net.run(0.5)
+    n2 = net.cores["n2"]
+    n2.set_held(frozenset({1, 4}), now=net.now)
+    n2.set_held(frozenset({4}), now=net.now)  # 1 claimed and let go before any heartbeat
+    net.run(2 * STEP)
+    assert net.cores["n1"].holders(1) == frozenset()
+    assert net.cores["n1"].released_map() == {1: frozenset({"n2"})}
+    net.run(2 * n2.timing.dead_after + n2.timing.heartbeat_interval)
+    assert net.cores["n1"].released_map() == {}
+    n2.set_held(frozenset(), now=net.now)
+    n2.set_held(frozenset({4}), now=net.now)  # taken back: no longer released
+    net.run(2 * STEP)
+    assert net.cores["n1"].released_map() == {}
 
 
 def test_config_mismatch_is_reported_and_held_sets_ignored() -> None:
@@ -185,7 +204,7 @@ def test_config_mismatch_is_reported_and_held_sets_ignored() -> None:
     nodes["n2"] = Node(n2_config, nodes["n2"].key)
     net = Net(nodes)
     net.run(0.5)
-    net.cores["n2"].set_held(frozenset({1}))
+    net.cores["n2"].set_held(frozenset({1}), now=net.now)
     net.run(0.2)
     mismatches = net.of("n1", ConfigMismatch)
     assert len(mismatches) == 1 and mismatches[0].name == "n2"

@@ -51,8 +51,31 @@ def test_round_trip_keeps_every_field() -> None:
         stats=Stats(load_milli=1500, cpu_idle_permille=800, ncpu=4, mem_total=8 << 30),
         overrides=(Override(group=3, target="n1", version=9),),
         flags=Flag.READY | Flag.DRAINING,
+        released=frozenset({1, 2}),
     )
     assert roundtrip(hb) == hb
+
+
+def test_released_is_bounded_and_checked_against_the_group_count() -> None:
+    with pytest.raises(ValueError):
+        wire.encode(heartbeat(released=frozenset({6})), KEY, PUB)  # past the 6 groups
+    with pytest.raises(ValueError):
+        too_many = frozenset(range(wire.MAX_RELEASED + 1))
+        wire.encode(heartbeat(group_count=100, released=too_many), KEY, PUB)
+    # A signed heartbeat whose RELEASED names a group past HELD's count is malformed.
+    body = (
+        struct.pack("!BH", wire.TLV.VIEW_DIGEST, 8)
+        + b"V" * 8
+        + struct.pack("!BH", wire.TLV.CONFIG_DIGEST, 8)
+        + b"C" * 8
+        + struct.pack("!BHH", wire.TLV.HELD, 3, 6)
+        + b"\0"
+        + struct.pack("!BHHH", wire.TLV.RELEASED, 4, 1, 6)
+    )
+    env = wire.parse_envelope(wire.encode(heartbeat(), KEY, PUB))
+    bad = wire.Envelope(**{**env.__dict__, "body": body})
+    with pytest.raises(wire.DecodeError, match="RELEASED index"):
+        wire.decode_body(bad)
 
 
 @given(

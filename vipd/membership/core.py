@@ -62,6 +62,7 @@ class Peer:
     config_digest: bytes = b""
     config_ok: bool = True
     held: frozenset[int] = frozenset()
+    released: frozenset[int] = frozenset()  # groups it says it let go of lately
     stats: Stats | None = None
     skew: float = 0.0
     skew_warned: bool = False
@@ -119,8 +120,11 @@ class MembershipCore:
         self._disruptions: deque[float] = deque()
         self._isolated = False  # every peer we had was lost: we may be the one cut off
         self._holders_version = 0
-        self._holders_cache: tuple[int, dict[int, frozenset[str]]] | None = None
+        self._holders_cache: (
+            tuple[int, dict[int, frozenset[str]], dict[int, frozenset[str]]] | None
+        ) = None
         self.held: frozenset[int] = frozenset()
+        self._released: dict[int, float] = {}  # group index -> when we let go of it
         self.stats: Stats | None = None
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter({r.value: 0 for r in Reject})
@@ -170,6 +174,9 @@ class MembershipCore:
         return peer
 
     def _apply(self, peer: Peer, hb: Heartbeat, *, now: float, wall: float) -> None:
+        # Almost every heartbeat changes nothing the view depends on: the O(N) view rebuild
+        # runs only when this peer's part of it, or our own hold-down, changed.
+        view_inputs = (_view_entry(peer), self.holddown_until is None)
         if peer.incarnation and hb.incarnation > peer.incarnation and peer.state in MONITORED:
             self._events.append(MemberRestarted(peer.name, peer.incarnation, hb.incarnation))
         if self._isolated and peer.state == MemberState.DEAD:
@@ -198,9 +205,11 @@ class MembershipCore:
         peer.config_ok = config_ok
         peer.config_digest = hb.config_digest
         # Group indices only mean the same thing when the pools are identical.
-        held = hb.held if config_ok and hb.group_count == self._group_count else frozenset()
-        if held != peer.held:
-            peer.held = held
+        same_pool = config_ok and hb.group_count == self._group_count
+        held = hb.held if same_pool else frozenset()
+        released = hb.released if same_pool else frozenset()
+        if held != peer.held or released != peer.released:
+            peer.held, peer.released = held, released
             self._holders_version += 1
         if not self.mature and hb.flags & Flag.READY:
             # Joining a running cluster: someone is already serving, no reason to wait.
@@ -214,7 +223,8 @@ class MembershipCore:
             signal = Signal.HEARD_JOINING
         self._transition(peer, signal)
         self._maybe_ready_early(now)
-        self._update_view()
+        if (_view_entry(peer), self.holddown_until is None) != view_inputs:
+            self._update_view()
 
     def handle_timer(self, *, now: float) -> None:
         """Run whatever is due: stall detection, peer expiry, the end of the startup wait."""
@@ -252,10 +262,18 @@ class MembershipCore:
             self._pending_burst = LEAVE_BURST
             self._update_view()
 
-    def set_held(self, groups: frozenset[int]) -> None:
+    def set_held(self, groups: frozenset[int], *, now: float) -> None:
         """Tell the core what this node actually holds; a change is announced at once, so a
-        make-before-break handover completes in one datagram instead of one interval."""
+        make-before-break handover completes in one datagram instead of one interval.
+
+        Groups let go of are advertised as RELEASED for 2 x dead_after: clients may still
+        point here (a claim's frames, then a release between two heartbeats that nobody
+        saw), so their owner announces them again."""
         if groups != self.held:
+            for index in self.held - groups:
+                self._released[index] = now
+            for index in groups:
+                self._released.pop(index, None)
             self.held = groups
             self._pending_burst = max(self._pending_burst, 1)
 
@@ -295,6 +313,10 @@ class MembershipCore:
         interval = self.timing.heartbeat_interval
         self._next_heartbeat = now + interval * (1.0 - 0.1 * self._rng.random())
         self.counters["tx_heartbeats"] += count
+        horizon = now - 2 * self.timing.dead_after
+        for index, when in list(self._released.items()):
+            if when < horizon:
+                del self._released[index]
         return [self._heartbeat(wall) for _ in range(count)]
 
     def next_event(self) -> Event | None:
@@ -321,15 +343,28 @@ class MembershipCore:
 
     def holders_map(self) -> dict[int, frozenset[str]]:
         """group index -> peers advertising it; recomputed only when a held set changed."""
+        return self._advertised()[0]
+
+    def released_map(self) -> dict[int, frozenset[str]]:
+        """group index -> peers advertising they let go of it lately (see `set_held`)."""
+        return self._advertised()[1]
+
+    def _advertised(self) -> tuple[dict[int, frozenset[str]], dict[int, frozenset[str]]]:
         if self._holders_cache is None or self._holders_cache[0] != self._holders_version:
-            found: dict[int, set[str]] = {}
+            held: dict[int, set[str]] = {}
+            released: dict[int, set[str]] = {}
             for p in self.peers.values():
                 if p.state in (*MONITORED, MemberState.LEFT):
                     for g in p.held:
-                        found.setdefault(g, set()).add(p.name)
-            frozen = {g: frozenset(names) for g, names in found.items()}
-            self._holders_cache = (self._holders_version, frozen)
-        return self._holders_cache[1]
+                        held.setdefault(g, set()).add(p.name)
+                    for g in p.released:
+                        released.setdefault(g, set()).add(p.name)
+            self._holders_cache = (
+                self._holders_version,
+                {g: frozenset(names) for g, names in held.items()},
+                {g: frozenset(names) for g, names in released.items()},
+            )
+        return self._holders_cache[1], self._holders_cache[2]
 
     def ready_members(self) -> frozenset[str]:
         """View members that have finished their startup wait (can claim right now)."""
@@ -395,6 +430,9 @@ class MembershipCore:
             config_digest=self._config_digest,
             group_count=self._group_count,
             held=self.held,
+            released=frozenset(
+                sorted(self._released, key=self._released.__getitem__)[-wire.MAX_RELEASED :]
+            ),
             stats=self.stats,
         )
         return wire.encode(hb, self._key, self._public_key)
@@ -415,7 +453,7 @@ class MembershipCore:
             self._events.append(MemberLost(peer.name, "left"))
         self._holders_version += 1  # holders only count peers in some states
         if new not in MONITORED and new != MemberState.LEFT:
-            peer.held = frozenset()
+            peer.held = peer.released = frozenset()
 
     def _maybe_ready_early(self, now: float) -> None:
         """Everyone in the roster has been heard: nothing is left to learn by waiting."""
@@ -475,3 +513,11 @@ class MembershipCore:
             self._events.append(ViewChanged(view.members, view.digest_hex))
         else:
             self.view = view
+
+
+def _view_entry(p: Peer) -> tuple[int, int, bool] | None:
+    """What a peer contributes to the view (`MembershipCore._update_view`): None if it is
+    left out, else (incarnation, weight, in hold-down)."""
+    if p.state in MONITORED and p.config_ok and not p.flags & Flag.DRAINING:
+        return (p.incarnation, p.weight, bool(p.flags & Flag.HOLDDOWN))
+    return None

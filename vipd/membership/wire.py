@@ -20,7 +20,9 @@ Layout (all integers big-endian)::
     ..     64    Ed25519 signature over DOMAIN + every byte before it
 
 Body TLVs (each at most once): VIEW_DIGEST (8 bytes), CONFIG_DIGEST (8 bytes), HELD (u16 group
-count + bitmap of held group indices), STATS (fixed struct), OVERRIDES (u16 count + entries).
+count + bitmap of held group indices), STATS (fixed struct), OVERRIDES (u16 count + entries),
+RELEASED (u16 count + u16 group indices, at most MAX_RELEASED: groups this node let go of
+lately, so their owner knows clients may still point here and announces them again).
 New fields are new TLV types: older nodes skip them, so the format does not change.
 
 Decoding happens in two steps so a flood of junk is cheap: `parse_envelope` checks size and
@@ -46,6 +48,7 @@ SIGNATURE_LEN = 64
 DOMAIN = b"vipd-heartbeat-v1\0"  # domain separation: these signatures sign nothing else
 MAX_NAME = 63
 MAX_GROUPS = 4096
+MAX_RELEASED = 64
 DIGEST_LEN = 8
 
 _HEADER = struct.Struct("!4sBBHQQQ4sBBH")
@@ -68,6 +71,7 @@ class TLV(enum.IntEnum):
     HELD = 3
     STATS = 4
     OVERRIDES = 5
+    RELEASED = 6
 
 
 class Reject(enum.StrEnum):
@@ -150,6 +154,7 @@ class Heartbeat:
     held: frozenset[int] = frozenset()
     stats: Stats | None = None
     overrides: tuple[Override, ...] = field(default_factory=tuple)
+    released: frozenset[int] = frozenset()  # group indices released lately (< group_count)
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,11 @@ def encode(hb: Heartbeat, key: Ed25519PrivateKey, public_key: bytes) -> bytes:
     )
     if hb.stats is not None:
         body += _tlv(TLV.STATS, hb.stats.pack())
+    if hb.released:
+        if len(hb.released) > MAX_RELEASED or not all(0 <= i < hb.group_count for i in hb.released):
+            raise ValueError(f"released {sorted(hb.released)} out of range")
+        indices = sorted(hb.released)
+        body += _tlv(TLV.RELEASED, struct.pack(f"!H{len(indices)}H", len(indices), *indices))
     if hb.overrides:
         entries = b"".join(
             struct.pack("!HIB", o.group, o.version, len(t)) + t
@@ -333,6 +343,7 @@ def decode_body(env: Envelope) -> Heartbeat:
     stats_raw = fixed(TLV.STATS, _STATS.size)
     group_count, held = _parse_held(fields.get(TLV.HELD))
     overrides = _parse_overrides(fields.get(TLV.OVERRIDES))
+    released = _parse_released(fields.get(TLV.RELEASED), group_count)
     if view is None or config is None:
         raise DecodeError(Reject.MALFORMED, "view or config digest missing")
     return Heartbeat(
@@ -348,6 +359,7 @@ def decode_body(env: Envelope) -> Heartbeat:
         held=held,
         stats=Stats(*_STATS.unpack(stats_raw)) if stats_raw is not None else None,
         overrides=overrides,
+        released=released,
     )
 
 
@@ -385,3 +397,17 @@ def _parse_overrides(value: bytes | None) -> tuple[Override, ...]:
     if pos != len(value):
         raise DecodeError(Reject.MALFORMED, "OVERRIDES has trailing bytes")
     return tuple(out)
+
+
+def _parse_released(value: bytes | None, group_count: int) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if len(value) < 2:
+        raise DecodeError(Reject.MALFORMED, "RELEASED too short")
+    (count,) = struct.unpack_from("!H", value)
+    if count > MAX_RELEASED or len(value) != 2 + 2 * count:
+        raise DecodeError(Reject.MALFORMED, f"RELEASED does not hold {count} indices")
+    indices = struct.unpack_from(f"!{count}H", value, 2)
+    if any(i >= group_count for i in indices):
+        raise DecodeError(Reject.MALFORMED, f"RELEASED index past the {group_count} groups")
+    return frozenset(indices)
