@@ -7,12 +7,13 @@ Modules:
 - `tests.sim.invariants`: the checker for I1-I6 and liveness, run after every step, and the
   list of known vipd defects it recognises.
 - `tests.sim.schedules`: seeded random fault schedules and the one-seed runner.
-- `tests.sim.fastpath`: equivalent-but-faster patches used only by the 256-node run.
+- `tests.sim.fastpath`: equivalent-but-faster patches: memoised pure functions for the bulk
+  of the random sweep, plus an incremental view for the 256-node run.
 - `tests.sim.harness`: helpers for hand-written scenarios.
 
 Tests: `test_scenarios` (each design fault by hand), `test_random` (seeded schedules),
 `test_scale` (256 and 64 nodes), `test_mutations` (injected bugs must be caught),
-`test_defects` (reproductions of the vipd defects found, strict xfail).
+`test_defects` (reproductions of the vipd defects found, kept as regression tests).
 
 Run: ``.venv/bin/pytest tests/sim``. Replay a seed: ``VIPD_SIM_SEED=1234 .venv/bin/pytest -s
 tests/sim/test_random.py -k schedules`` (or ``.venv/bin/python -m tests.sim.schedules 1234``);

