@@ -169,6 +169,9 @@ class Config:
     transport: str = "multicast"
     #: Prometheus exporter address ("host:port"), or None to disable it.
     metrics_listen: str | None = "127.0.0.1:9477"
+    #: Networks heartbeats may come from (mod_backhand's AcceptStats); None: any source.
+    #: Datagrams from elsewhere are dropped before they are parsed.
+    accept_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
     def member(self, name: str) -> Member | None:
         for m in self.roster:
@@ -180,17 +183,16 @@ class Config:
     def digest(self) -> bytes:
         """8-byte digest of what must match across nodes: cluster, roster and pool.
 
-        Interface names are left out on purpose: they may differ between machines.
+        Interface names are left out on purpose: they may differ between machines; so are
+        public keys, which differ between nodes during a key rotation (a wrong key shows as
+        rejected heartbeats, counted by reason, not as a config mismatch).
         """
         # The placement algorithm's version is part of the digest: nodes that would place the
         # same pool differently must be reported as mismatched, never silently disagree.
         h = hashlib.sha256(f"vipd-config-v1 placement-v{PLACEMENT_VERSION}\0".encode())
         h.update(self.cluster.encode() + b"\0")
         for m in sorted(self.roster, key=lambda m: m.name):
-            h.update(f"member {m.name} {m.weight}".encode())
-            for k in sorted(m.public_keys):
-                h.update(b" " + k.hex().encode())
-            h.update(b"\n")
+            h.update(f"member {m.name} {m.weight}\n".encode())
         for g in self.pool:
             addrs = " ".join(sorted(str(a) for a in g.addresses))
             h.update(f"group {g.name} {addrs}\n".encode())
@@ -202,7 +204,15 @@ class Config:
 _SECTIONS: dict[str, frozenset[str]] = {
     "node": frozenset({"name", "private_key_file", "state_dir"}),
     "cluster": frozenset(
-        {"name", "multicast_group", "port", "interface", "partition_policy", "transport"}
+        {
+            "name",
+            "multicast_group",
+            "port",
+            "interface",
+            "partition_policy",
+            "transport",
+            "accept_from",
+        }
     ),
     "timing": frozenset({"profile", *Timing.__dataclass_fields__}),
     "control": frozenset({"socket", "mode", "group"}),
@@ -352,6 +362,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                     f"is missing for {m.name!r}, and cluster.transport is unicast",
                     'add address = "198.51.100.11" (the node\'s address on cluster.interface)',
                 )
+    accept_from = _parse_accept_from(r, cluster.get("accept_from"))
+    if accept_from is None and transport == "unicast":
+        # Unicast peers are known by address: nothing else may talk to us.
+        accept_from = tuple(
+            ipaddress.ip_network(m.address) for m in roster if m.address is not None
+        )
     if not any(m.name == node_name for m in roster):
         raise r.fail(
             "node.name",
@@ -419,6 +435,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         partition_policy=partition_policy,
         transport=transport,
         metrics_listen=listen or None,
+        accept_from=accept_from,
     )
 
 
@@ -588,3 +605,21 @@ def _parse_announce(r: _Reader, a: Mapping[str, Any]) -> Announce:
             "use up to 20 non-negative seconds, e.g. [0, 0.05, 1, 2, 5]",
         )
     return Announce(schedule=tuple(sorted(float(s) for s in schedule)))
+
+
+def _parse_accept_from(
+    r: _Reader, value: Any
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    if value is None:
+        return None
+    key = "cluster.accept_from"
+    if not isinstance(value, list) or not value:
+        raise r.fail(key, f"{value!r} is not a non-empty list", 'e.g. ["198.51.100.0/24"]')
+    networks = []
+    for i, text in enumerate(value):
+        try:
+            networks.append(ipaddress.ip_network(str(text), strict=True))
+        except ValueError as e:
+            fix = "write a network, e.g. 198.51.100.0/24"
+            raise r.fail(f"{key}[{i}]", f"{text!r}: {e}", fix) from None
+    return tuple(networks)

@@ -26,9 +26,9 @@ from vipd import systemd
 from vipd.addresses import AddressError, AddressManager, InterfaceMissing, NetlinkAddressManager
 from vipd.arp.announcer import Announcer, RawAnnouncer
 from vipd.config import Config, ConfigError, IPInterface, format_public_key, load_config
-from vipd.control import Caller, Command, ControlServer
+from vipd.control import Caller, Command, ControlServer, RequestError
 from vipd.controller import Controller
-from vipd.keys import load_private_key, public_key_bytes
+from vipd.keys import load_node_key, public_key_bytes
 from vipd.log import configure_logging
 from vipd.membership import events as ev
 from vipd.membership.core import MembershipCore
@@ -38,10 +38,12 @@ from vipd.membership.transport import (
     open_multicast_socket,
     open_unicast_socket,
 )
+from vipd.membership.wire import key_id
 from vipd.metrics import StatusCollector, serve
 from vipd.netif import mac_address
 from vipd.ratelimit import RateLimitedLog
 from vipd.reconcile import ClaimAddress, ReleaseAddress, plan
+from vipd.reload import ReloadRefused, reload_changes
 from vipd.state import next_incarnation
 from vipd.stats import StatsCollector
 
@@ -110,15 +112,17 @@ class Daemon:
             cfg.control_socket,
             cfg.control_mode,
             cfg.control_group,
-            {"status": Command(self._cmd_status)},
+            {
+                "status": Command(self._cmd_status),
+                "reload": Command(self._cmd_reload, mutating=True),
+            },
         )
         await self.control.start()
         self.metrics = StatusCollector()
         self._exporter = serve(cfg.metrics_listen, self.metrics) if cfg.metrics_listen else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        # SIGHUP's default would kill us without a graceful leave.
-        loop.add_signal_handler(signal.SIGHUP, self._reload_unsupported)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         self._tasks = [
             loop.create_task(self._apply_loop(), name="apply"),
             loop.create_task(self._reconcile_loop(), name="reconcile"),
@@ -141,8 +145,37 @@ class Daemon:
         self._stop_deadline = self.loop.time() + self.config.timing.handover_timeout + STOP_GRACE
         self._step()
 
-    def _reload_unsupported(self) -> None:
-        log.warning("reload_unsupported", detail="this version does not reload; config unchanged")
+    def reload(self) -> list[str]:
+        """Re-read the config file and apply what may change live (`vipd.reload`); on any
+        error nothing is applied and the daemon runs on as before. Returns the changes."""
+        new = load_config(self.config.path)
+        changes = reload_changes(self.config, new)
+        key = load_node_key(new)
+        public = public_key_bytes(key)
+        if public != self.public_key:
+            changes.append(
+                f"signing key: {key_id(self.public_key).hex()} -> {key_id(public).hex()}"
+            )
+        self.core.rekey(new, key, public)
+        if new.log_level != self.config.log_level:
+            configure_logging(new.log_level, new.log_format)
+        self.config, self.key, self.public_key = new, key, public
+        self.controller.config = new
+        log.info("reloaded", changes=changes or ["nothing"])
+        return changes
+
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload()
+        except (ConfigError, ReloadRefused) as e:
+            log.error("reload_failed", error=str(e), detail="config unchanged")
+
+    async def _cmd_reload(self, request: dict[str, Any], caller: Caller) -> Any:
+        try:
+            return {"changes": self.reload()}
+        except (ConfigError, ReloadRefused) as e:
+            log.error("reload_failed", error=str(e), uid=caller.uid, detail="config unchanged")
+            raise RequestError(str(e)) from None
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -347,6 +380,9 @@ class Daemon:
         """Once a second: our load figures into the heartbeat, a snapshot to the exporter."""
         collector = StatsCollector()
         while True:
+            drops = self.driver.kernel_drops()
+            if drops is not None:  # counted by the kernel: the core never saw these
+                self.core.counters["rx_kernel_drops"] = drops
             self.core.set_stats(collector.collect())
             self.metrics.publish(self.status())
             await asyncio.sleep(STATS_INTERVAL)
@@ -447,15 +483,7 @@ def _snake(name: str) -> str:
 
 
 def build_daemon(config: Config) -> Daemon:
-    key = load_private_key(config.private_key_file, config.path)
-    me = config.member(config.node)
-    if me is not None and public_key_bytes(key) not in me.public_keys:
-        raise ConfigError(
-            config.path,
-            "node.private_key_file",
-            f"the public key of {config.private_key_file} is not listed for {config.node!r}",
-            f'add "{format_public_key(public_key_bytes(key))}" to its public_keys',
-        )
+    key = load_node_key(config)
     schedule = config.announce.schedule
     return Daemon(
         config,

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vipd.config import ConfigError, format_public_key
+from vipd.config import Config, ConfigError, format_public_key
 
 KEY_SETTING = "node.private_key_file"
 
@@ -74,4 +74,18 @@ def load_private_key(path: Path, config_path: Path | str) -> Ed25519PrivateKey:
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise fail("is not an Ed25519 key", "regenerate it with vipctl keygen")
+    return key
+
+
+def load_node_key(config: Config) -> Ed25519PrivateKey:
+    """This node's key, checked like `load_private_key`, and listed for it in the roster."""
+    key = load_private_key(config.private_key_file, config.path)
+    me = config.member(config.node)
+    if me is not None and public_key_bytes(key) not in me.public_keys:
+        raise ConfigError(
+            config.path,
+            KEY_SETTING,
+            f"the public key of {config.private_key_file} is not listed for {config.node!r}",
+            f'add "{format_public_key(public_key_bytes(key))}" to its public_keys',
+        )
     return key

@@ -96,6 +96,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = _call(args, {"cmd": "reload"})
+    for line in result["changes"] or ["nothing changed"]:
+        print(line)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
@@ -129,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="members and pool ownership")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reload", help="re-read the config: keys and log level (root/admin)")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("keygen", help="create a node key and print its roster entry")
     p.add_argument("--name", required=True, help="the node's roster name")

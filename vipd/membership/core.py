@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vipd.config import Config
 from vipd.membership import wire
+from vipd.membership.admission import Admission
 from vipd.membership.events import (
     BecameMature,
     BecameReady,
@@ -119,6 +120,7 @@ class MembershipCore:
         self.holddown_until: float | None = None
         self._disruptions: deque[float] = deque()
         self._isolated = False  # every peer we had was lost: we may be the one cut off
+        self._admission = Admission(config.accept_from)
         self._holders_version = 0
         self._holders_cache: (
             tuple[int, dict[int, frozenset[str]], dict[int, frozenset[str]]] | None
@@ -139,7 +141,22 @@ class MembershipCore:
     # --- inputs --------------------------------------------------------------------------
 
     def receive(self, data: bytes, source: str, *, now: float, wall: float) -> None:
-        """Take one datagram from the network. Never raises for remote input."""
+        """Take one datagram from the network. Never raises for remote input.
+
+        Cheapest checks first: source allowed, the source's rejection budget (neither parses
+        the datagram), then size and structure, cluster, sender, replay window and send time,
+        and only then the signature."""
+        if not self._admission.source_allowed(source):
+            self._reject(Reject.SOURCE_NOT_ALLOWED, source, None, "not in cluster.accept_from")
+            return
+        drop, first = self._admission.limited(source, now)
+        if drop:
+            self.rejected[Reject.RATE_LIMITED.value] += 1
+            if first:  # one event per dry spell: a flood must not queue one per datagram
+                self._events.append(
+                    PacketRejected(Reject.RATE_LIMITED.value, source, None, "too many rejects")
+                )
+            return
         sender: str | None = None
         try:
             env = wire.parse_envelope(data)
@@ -148,11 +165,15 @@ class MembershipCore:
             wire.verify(env, peer.public_keys)
             hb = wire.decode_body(env)
         except DecodeError as e:
-            self.rejected[e.reason.value] += 1
-            self._events.append(PacketRejected(e.reason.value, source, sender, e.detail))
+            self._admission.charge(source, now)
+            self._reject(e.reason, source, sender, e.detail)
             return
         self.counters["rx_accepted"] += 1
         self._apply(peer, hb, now=now, wall=wall)
+
+    def _reject(self, reason: Reject, source: str, sender: str | None, detail: str) -> None:
+        self.rejected[reason.value] += 1
+        self._events.append(PacketRejected(reason.value, source, sender, detail))
 
     def _admit(self, env: wire.Envelope, wall: float) -> Peer:
         """Cheap checks on an unverified envelope; returns the sender's peer record."""
@@ -276,6 +297,17 @@ class MembershipCore:
                 self._released.pop(index, None)
             self.held = groups
             self._pending_burst = max(self._pending_burst, 1)
+
+    def rekey(self, config: Config, key: Ed25519PrivateKey, public_key: bytes) -> None:
+        """A reload changed keys only (`vipd.reload`): peers' accepted public keys, and the
+        key we sign with. Everything else, including the config digest, is unchanged."""
+        if config.digest != self._config_digest or config.node != self.name:
+            raise ValueError("rekey with a config that changes more than keys")
+        self.config = config
+        self._key, self._public_key = key, public_key
+        for m in config.roster:
+            if m.name in self.peers:
+                self.peers[m.name].public_keys = m.public_keys
 
     def set_stats(self, stats: Stats) -> None:
         self.stats = stats

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from vipd.membership.core import MembershipCore
+from vipd.membership.transport import kernel_drops
 from vipd.ratelimit import RateLimitedLog
 
 RECV_BUFFER = 2048  # > wire.MAX_DATAGRAM, so an oversized datagram is seen as such
@@ -82,6 +83,9 @@ class MembershipDriver:
                 return
             self._timer.cancel()
         self._timer = self._loop.call_at(when, self._on_timer)
+
+    def kernel_drops(self) -> int | None:
+        return kernel_drops(self._sock) if self._open else None
 
     def _on_readable(self) -> None:
         for _ in range(MAX_READS_PER_WAKEUP):

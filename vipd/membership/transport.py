@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import struct
 
@@ -97,3 +98,20 @@ def open_unicast_socket(
             "this node's roster address must be configured on cluster.interface",
         ) from e
     return sock
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped for this socket (receive buffer full: a flood, or a
+    stalled loop), from the "drops" column of /proc/self/net/udp{,6}; None if not found."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        try:
+            with open(table) as f:
+                next(f, None)  # header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 13 and fields[9] == inode:
+                        return int(fields[-1])
+        except OSError:
+            continue
+    return None

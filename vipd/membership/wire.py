@@ -89,6 +89,8 @@ class Reject(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     REPLAY = "replay"
     STALE = "stale"
+    SOURCE_NOT_ALLOWED = "source_not_allowed"  # outside cluster.accept_from (never parsed)
+    RATE_LIMITED = "rate_limited"  # its source ran out of rejection budget (never parsed)
 
 
 class DecodeError(Exception):
