@@ -102,6 +102,7 @@ class LabCluster:
         cluster_name: str = CLUSTER_NAME,
         write: bool = True,
         transport: str = "multicast",
+        accept_from: Sequence[str] | None = None,
     ) -> None:
         self.lab = lab
         self.nodes = list(nodes) if nodes is not None else lab.node_names
@@ -114,6 +115,7 @@ class LabCluster:
         self.log_level = log_level
         self.cluster_name = cluster_name
         self.transport = transport
+        self.accept_from = list(accept_from) if accept_from is not None else None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
         self.public_keys: dict[str, str] = {}
@@ -177,6 +179,10 @@ class LabCluster:
             f"port = {MULTICAST_PORT}",
             'interface = "eth0"',
             f"transport = {_toml_str(self.transport)}",
+        ]
+        if self.accept_from is not None:
+            lines.append(f"accept_from = {_toml_list(self.accept_from)}")
+        lines += [
             "",
             "[timing]",
         ]
