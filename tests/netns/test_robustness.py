@@ -103,15 +103,27 @@ def test_vipctl_status_against_a_live_daemon(cluster: LabCluster) -> None:
     assert "no control socket at /nonexistent/s: is vipd running?" in missing.stderr
 
 
-def test_sighup_does_not_kill_the_daemon(cluster: LabCluster) -> None:
+def test_sighup_reloads_and_a_refused_reload_keeps_the_daemon_running(
+    cluster: LabCluster,
+) -> None:
     owners = cluster.wait_converged(balanced=True)
-    cluster.send_signal("n2", signal.SIGHUP)
+    cluster.send_signal("n2", signal.SIGHUP)  # nothing changed: a reload of nothing
     cluster.wait_for(
-        lambda: "reload_unsupported" in cluster.log_path("n2").read_text(),
+        lambda: "reloaded" in cluster.log_path("n2").read_text(),
         5.0,
-        "n2 to log that it does not reload",
+        "n2 to log its reload",
         nodes=["n2"],
     )
+    config = cluster.config_path("n2")
+    config.write_text(config.read_text().replace('profile = "lan"', 'profile = "fast"'))
+    cluster.send_signal("n2", signal.SIGHUP)  # a change that needs a restart: refused
+    cluster.wait_for(
+        lambda: "reload_failed" in cluster.log_path("n2").read_text(),
+        5.0,
+        "n2 to log that the reload was refused",
+        nodes=["n2"],
+    )
+    assert "timing" in cluster.log_path("n2").read_text().split("reload_failed", 1)[1]
     assert cluster.running("n2")
     assert cluster.wait_converged() == owners
 
