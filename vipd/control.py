@@ -140,6 +140,8 @@ class ControlServer:
             return {"ok": True, "result": await command.handler(request, caller)}
         except (ValueError, RequestError) as e:  # JSONDecodeError is a ValueError
             return {"ok": False, "error": str(e)}
+        except RecursionError:  # json.loads on a line of a thousand "["
+            return {"ok": False, "error": "request nested too deeply"}
 
 
 async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

@@ -65,6 +65,9 @@ class Flag(enum.IntFlag):
     HOLDDOWN = 16  # flapped recently: member, but placed only if nobody else can be
 
 
+_KNOWN_FLAGS = int(Flag.JOINING | Flag.READY | Flag.DRAINING | Flag.LEAVING | Flag.HOLDDOWN)
+
+
 class TLV(enum.IntEnum):
     VIEW_DIGEST = 1
     CONFIG_DIGEST = 2
@@ -288,7 +291,10 @@ def parse_envelope(data: bytes) -> Envelope:
     return Envelope(
         version=version,
         msg_type=msg_type,
-        flags=Flag(flags & 0xFFFF),
+        # Unknown bits are dropped here, before any signature check: an IntFlag built from
+        # undefined bits is a new pseudo-member cached for the life of the process, so junk
+        # with every flag value would grow memory (~27 MB), one datagram at a time.
+        flags=Flag(flags & _KNOWN_FLAGS),
         incarnation=inc,
         seq=seq,
         send_time_ms=sent,
