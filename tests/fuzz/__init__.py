@@ -1,0 +1,1 @@
+"""Fuzzing: property tests of the heartbeat decoder and the control protocol (docs/fuzzing.md)."""
