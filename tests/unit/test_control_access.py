@@ -65,10 +65,10 @@ def call_as(uid: int, gid: int, path: Path, cmd: str) -> dict[str, Any]:
             os._exit(code)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as f:
-        out = f.read()
+        raw = f.read()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the client process failed"
-    reply: dict[str, Any] = json.loads(out)
+    reply: dict[str, Any] = json.loads(raw)
     return reply
 
 
