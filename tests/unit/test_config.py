@@ -34,7 +34,7 @@ def test_valid_config_loads_sorted_pool_and_profile_defaults() -> None:
     data["pool"].reverse()
     cfg = parse_config(data, Path("x.toml"))
     assert [g.name for g in cfg.pool] == ["www1", "www2", "www3"]
-    assert cfg.timing.heartbeat_interval == 0.1
+    assert cfg.timing.heartbeat_interval == 0.075
     assert cfg.control_mode == 0o660
 
 
@@ -42,7 +42,7 @@ def test_fast_profile_and_overrides() -> None:
     data = base()
     data["timing"] = {"profile": "fast", "dead_after": 0.2}
     cfg = parse_config(data, Path("x.toml"))
-    assert cfg.timing.heartbeat_interval == 0.02
+    assert cfg.timing.heartbeat_interval == 0.015
     assert cfg.timing.dead_after == 0.2
     assert cfg.timing.startup_wait == 0.2  # follows dead_after unless set
 
