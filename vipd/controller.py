@@ -16,7 +16,7 @@ kernel and the time; it answers with a `Decision`. The rules, in order:
      `settle_time` has passed since the view appeared (planned change).
    Nothing new is claimed before the node is ready and mature. A group whose owner is still
    in its startup wait has an interim owner (`effective_owners`): a ready member holding
-   it, or during a failover a ready member if nobody holds it.
+   it, or, if nobody holds it any more, a ready member.
 5. Announcements, only for groups placement gives us and only from an agreed view: a group
    a peer also advertises (partition heal, one-way cut, a crashed daemon's leftovers) is
    announced again when the overlap is first seen and when it ends, and one a peer says it
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from vipd.assign import assign
 from vipd.config import Config
 from vipd.membership.core import MembershipCore, View
-from vipd.membership.events import Event, MemberJoined, MemberLost, SelfDisrupted
+from vipd.membership.events import BecameReady, Event, MemberJoined, MemberLost, SelfDisrupted
 from vipd.reconcile import HandoverOutcome, HandoverPolicy
 
 
@@ -65,6 +65,8 @@ class Controller:
         self._overlapped: frozenset[str] = frozenset()  # owned groups seen doubly held
         self._handing: frozenset[str] = frozenset()
         self._owned: frozenset[str] = frozenset()  # groups held or claimed that are ours
+        self._served: set[str] = set()  # groups seen held by anyone since we started
+        self._ready_at: float | None = None  # when this node finished its startup wait
         self._became: frozenset[str] = frozenset()  # held groups that became ours: announce
         self._let_go: frozenset[str] = frozenset()  # ours, advertised as released by a peer
         self._let_go_new: frozenset[str] = frozenset()  # of those, not yet announced
@@ -80,6 +82,8 @@ class Controller:
             self._announce_all = True
         elif isinstance(event, MemberLost):
             self._last_loss = now
+        elif isinstance(event, BecameReady):
+            self._ready_at = now
 
     def owners(self, view: View) -> dict[str, str | None]:
         key = tuple(zip(view.members, view.weights, strict=True))
@@ -106,10 +110,11 @@ class Controller:
           if there are several (a healed partition), so an overlap ends within one settle
           time instead of lasting until the owner is ready, and the holder that keeps the
           group owns it and so announces it (after a heal or a stall, for instance);
-        - during a failover (a member lost within the last startup_wait + settle_time), a
-          group nobody holds goes to a ready member, since a failover must not wait for a
-          joiner. Not at a cold start, where every node is about to be ready and the pool
-          must be split once."""
+        - a group nobody holds goes to a ready member, since a failover must not wait for a
+          joiner: if it was served since we started (its holder died or restarted, quorum
+          was lost and is back), or if we have been ready for startup_wait already (we are
+          not starting along with its owner). Not otherwise: at a cold start every node is
+          about to be ready and the pool must be split once."""
         owners = self.owners(core.view)
         ready = core.ready_members()
         if len(ready) == len(core.view.members) or not ready:
@@ -121,15 +126,18 @@ class Controller:
             holding = holders[g] | {self.node} if g in held else holders[g]
             if holding & ready:
                 interim[g] = min(holding & ready)
-        timing = self.config.timing
-        failover = (
-            self._last_loss is not None
-            and now - self._last_loss < timing.startup_wait + timing.settle_time
+        settled_in = self._ready_at is not None and (
+            now - self._ready_at >= self.config.timing.startup_wait
         )
         orphans = [
-            g for g, o in owners.items() if o not in ready and not holders[g] and g not in held
+            g
+            for g, o in owners.items()
+            if o not in ready
+            and not holders[g]
+            and g not in held
+            and (settled_in or g in self._served)
         ]
-        if failover and orphans:
+        if orphans:
             weights = core.view.as_weights()
             placed = self._place({m: weights[m] for m in ready})
             interim.update({g: placed[g] for g in orphans})
@@ -155,6 +163,8 @@ class Controller:
             self._view_seen = (view.digest, now)
         holders_by_index = core.holders_map()
         holders = {g: holders_by_index.get(self.index[g], frozenset()) for g in self.groups}
+        if len(self._served) < len(self.groups):
+            self._served |= held | {g for g, h in holders.items() if h}
         owners = self.effective_owners(core, holders, held, now)
         if not core.config_passive:
             self._passive_since = None

@@ -234,3 +234,22 @@ def test_k7_client_returns_to_the_holder_after_the_node_that_pulled_it_away_dies
     and answer after them. Open until that listener exists (issue 5)."""
     result = run_seed(416, write_trace=False)
     assert result.violations == [], "\n".join(map(str, result.violations[:3]))
+
+
+@pytest.mark.parametrize("seed", [3000, 3364])
+def test_k9_orphans_do_not_wait_for_a_starting_owner_when_nobody_was_lost(seed: int) -> None:
+    """Found by the sweep of seeds 2000-4999; failed on the commit before "interim owner for
+    orphans served before". The interim owner for an unheld group whose owner is still
+    starting (K3's fix) applied only within startup_wait + settle_time of a MemberLost:
+
+    - 3364 (lan): n03's machine reboots within dead_after, so its peers see a restart, not a
+      loss; its groups are gone with the machine, and they waited for n03's startup wait,
+      twice (it crashed once more while starting): 2.5 s unserved.
+    - 3000 (lan, majority): quorum comes back through joins; the groups placed on members
+      still starting waited for them, with n05 ready and idle all along.
+
+    Fixed: an unheld group gets a ready interim owner if it was served since the deciding
+    node started, or if that node has been ready for startup_wait (it is not starting along
+    with the owner, which is what a cold start needs to split the pool once, K5)."""
+    result = run_seed(seed, write_trace=False)
+    assert result.violations == [], "\n".join(map(str, result.violations[:3]))
