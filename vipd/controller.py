@@ -67,9 +67,10 @@ class Controller:
         self._owned: frozenset[str] = frozenset()  # groups held or claimed that are ours
         self._served: set[str] = set()  # groups seen held by anyone since we started
         self._ready_at: float | None = None  # when this node finished its startup wait
-        self._became: frozenset[str] = frozenset()  # held groups that became ours: announce
         self._let_go: frozenset[str] = frozenset()  # ours, advertised as released by a peer
-        self._let_go_new: frozenset[str] = frozenset()  # of those, not yet announced
+        # Owned groups to announce once the view is settled: held ones that became ours,
+        # and ones a peer newly says it let go of.
+        self._to_announce: frozenset[str] = frozenset()
         self._next_deadline: float | None = None
 
     def observe(self, event: Event, now: float) -> None:
@@ -220,32 +221,30 @@ class Controller:
         # A group we already held that becomes ours (its intended owner died or left during
         # the handover) was last announced by whoever held it meanwhile, maybe not us: it is
         # announced again. Fresh claims are not: the claim announces them.
-        self._became = (self._became | (mine - self._owned)) & mine
+        became = mine - self._owned
         self._owned = owned
         contested = frozenset(g for g in mine if holders[g])
         # A peer that let go of one of our groups lately may have claimed and released it
         # between two heartbeats (a false failover): clients may point there, unseen by us.
         released = core.released_map()
         let_go = frozenset(g for g in mine if self.index[g] in released)
-        self._let_go_new = (self._let_go_new | (let_go - self._let_go)) & mine
+        self._to_announce = (self._to_announce | became | (let_go - self._let_go)) & mine
         self._let_go = let_go
         self._overlapped = (self._overlapped | contested) & mine
         again: frozenset[str] = frozenset()
         if reason == "placement" and settled:
             ended = self._overlapped - contested
-            fresh = (contested - self._contested) | ended | self._became | self._let_go_new
+            fresh = (contested - self._contested) | ended | self._to_announce
             again = mine if self._announce_all else fresh
             self._announce_all = False
             self._contested = contested
             self._overlapped -= ended
-            self._became = frozenset()
-            self._let_go_new = frozenset()
+            self._to_announce = frozenset()
         elif (
             self._announce_all
             or mine - self._contested
             or self._overlapped - contested
-            or self._became
-            or self._let_go_new
+            or self._to_announce
         ):
             deadlines.append(self._view_seen[1] + timing.settle_time)
         # A group held but no longer ours is being handed over: its claim-time repeats must
