@@ -29,6 +29,14 @@ class Run:
         end = max(sim.now, sim.last_change + self.converge) + extra
         sim.run_until(end)
 
+    def flap(self, name: str, times: int) -> None:
+        """Cut `name` off for longer than dead_after, then heal, `times` times."""
+        for _ in range(times):
+            self.sim.isolate(name)
+            self.run(1.5 * self.sim.timing.dead_after)
+            self.sim.heal()
+            self.run(1.0)
+
     def holdings(self) -> dict[str, frozenset[str]]:
         return self.sim.holdings()
 

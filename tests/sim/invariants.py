@@ -80,6 +80,7 @@ from dataclasses import dataclass, field
 
 from tests.sim.simulator import Proc, Sim
 from vipd.assign import assign
+from vipd.config import Timing
 
 #: Defects this simulator found in vipd. A violation matching one is tagged with its key, so
 #: a regression names the defect it brings back; tests/sim/test_defects.py reproduces each.
@@ -123,6 +124,18 @@ class Violation:
         return f"t={self.t:.4f} {self.invariant}{tag}: {self.detail}"
 
 
+def stable_after(t: Timing) -> float:
+    """How long after the last membership change the cluster is stable again (before the
+    network's slack): a starter's wait, detection, agreement, a handover, a few beats."""
+    return (
+        max(t.startup_wait, t.mature_after)
+        + t.dead_after
+        + t.settle_time
+        + t.handover_timeout
+        + 4 * t.heartbeat_interval
+    )
+
+
 @dataclass(frozen=True)
 class Bounds:
     converge: float
@@ -141,16 +154,8 @@ class Bounds:
             + per_node * params.kernel_delay[1]
             + 0.05
         )
-        converge = (
-            max(t.startup_wait, t.mature_after)
-            + t.dead_after
-            + t.settle_time
-            + t.handover_timeout
-            + 4 * t.heartbeat_interval
-            + slack
-        )
         return cls(
-            converge=converge,
+            converge=stable_after(t) + slack,
             handover=t.handover_timeout + t.settle_time + slack,
             heal=t.settle_time + 2 * t.heartbeat_interval + slack,
             failover=max(t.dead_after, t.startup_wait) + 2 * t.heartbeat_interval + slack,

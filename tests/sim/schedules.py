@@ -36,7 +36,7 @@ from pathlib import Path
 from random import Random
 
 from tests.sim.cluster import ClusterSpec
-from tests.sim.invariants import Checker, Stats, Violation
+from tests.sim.invariants import Checker, Stats, Violation, stable_after
 from tests.sim.simulator import NetParams, Sim, SimParams
 from vipd.config import PROFILES
 
@@ -113,14 +113,7 @@ def make_schedule(seed: int) -> Schedule:
     # Sparse schedules space their faults so that the cluster is stable between them (I6
     # compares consecutive stable states); dense ones let faults overlap.
     sparse = rng.random() < 0.25
-    quiet = (
-        max(timing.startup_wait, timing.mature_after)
-        + timing.dead_after
-        + timing.settle_time
-        + timing.handover_timeout
-        + 4 * timing.heartbeat_interval
-        + 0.5 * unit
-    )
+    quiet = stable_after(timing) + 0.5 * unit
     cursor = quiet  # sparse: when the next fault may begin
     # Who starts cold (together, within half a second) and who joins later.
     late = [] if sparse else rng.sample(names, k=rng.randint(0, min(2, len(names) - 1)))

@@ -24,14 +24,6 @@ LAN = PROFILES["lan"]
 FAST = PROFILES["fast"]
 
 
-def _flap(run: Run, name: str, times: int) -> None:
-    for _ in range(times):
-        run.sim.isolate(name)
-        run.run(1.5 * LAN.dead_after)
-        run.sim.heal()
-        run.run(1.0)
-
-
 def _stale_client_entries(run: Run) -> list[tuple[str, str, str | None]]:
     """(group, holder, node the client's neighbour entry points at) where they differ."""
     holders = run.sim.owner_of()
@@ -50,7 +42,7 @@ def test_k1_member_in_holddown_still_counts_for_majority() -> None:
     decide "no quorum" and release everything for the rest of the hold-down (5-40 s).
     Fixed in 7ac1d76 (quorum counts every connected member)."""
     run = formed(3, 9, policy="majority")
-    _flap(run, "n01", 2)
+    run.flap("n01", 2)
     assert run.events("n01", "HolddownStarted")
     run.sim.machine_down("n03")
     run.run(LAN.dead_after + 1.0)

@@ -209,25 +209,17 @@ def test_long_stall_with_many_queued_heartbeats() -> None:
     run.assert_clean()
 
 
-def _flap(run: Run, name: str, times: int) -> None:
-    for _ in range(times):
-        run.sim.isolate(name)
-        run.run(1.5 * LAN.dead_after)
-        run.sim.heal()
-        run.run(1.0)
-
-
 @pytest.mark.parametrize("policy", ["all", "majority"])
 def test_flapping_node_goes_into_holddown_and_stops_moving_addresses(policy: str) -> None:
     run = formed(4, 16, policy=policy)
-    _flap(run, "n03", 2)
+    run.flap("n03", 2)
     assert run.events("n03", "HolddownStarted"), "two cut-offs within flap_window"
     run.run(1.0)
     assert run.held_by("n03") == frozenset()
     t0 = run.sim.now
     others = ("n01", "n02", "n04")
     steady = {n: run.held_by(n) for n in others}
-    _flap(run, "n03", 2)  # further flaps while held down
+    run.flap("n03", 2)  # further flaps while held down
     # The rest of the cluster moved nothing: the flapper is out of placement.
     assert [c for c in _changes(run, t0) if c[1] in others] == []
     assert {n: run.held_by(n) for n in others} == steady
