@@ -133,13 +133,53 @@ class PoolGroup:
     name: str
     interface: str
     addresses: tuple[IPInterface, ...]
+    #: Wackamole's Prefer: roster members that should hold this group, first choice first;
+    #: honoured while one of them is placeable (alive, not drained), else placement decides.
+    prefer: tuple[str, ...] = ()
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
 class Announce:
-    """When to send gratuitous ARP / unsolicited NA after a claim (offsets in seconds)."""
+    """Gratuitous ARP / unsolicited NA: when, how often, and to whom besides the broadcast."""
 
+    #: Offsets (seconds) after a claim: a burst at 0, then repeats.
     schedule: tuple[float, ...] = (0.0, 0.05, 1.0, 2.0, 5.0)
+    #: Announce every held address again this often (seconds); 0 turns it off.
+    refresh_interval: float = 0.0
+    #: Another MAC seen announcing or answering for an address we own is answered at once,
+    #: then at most once per this many seconds (the last word is ours: a conflict inside the
+    #: interval is answered when it ends).
+    defend_interval: float = 1.0
+    #: Router flag of unsolicited neighbour advertisements (set it if this node routes).
+    na_router: bool = False
+    #: Extra targets (hosts or netblocks: routers, load balancers) told by a directed ARP
+    #: reply / neighbour advertisement on every claim (Wackamole's Notify).
+    notify: tuple[IPNetwork, ...] = ()
+    #: At most this many notify frames per second (a /24 is 254 frames per address).
+    notify_rate: float = 500.0
+
+
+#: A hook command: argv, run without a shell.
+HookCommand = tuple[str, ...]
+HOOK_EVENTS = ("up", "post_up", "down", "post_down")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Operator commands per group event (see docs/configuration.md, "Hooks")."""
+
+    up: HookCommand | None = None
+    post_up: HookCommand | None = None
+    down: HookCommand | None = None
+    post_down: HookCommand | None = None
+    timeout: float = 10.0
+
+    def command(self, event: str) -> HookCommand | None:
+        value: HookCommand | None = getattr(self, event)
+        return value
 
 
 @dataclass(frozen=True)
@@ -174,6 +214,7 @@ class Config:
     #: Networks heartbeats may come from (mod_backhand's AcceptStats); None: any source.
     #: Datagrams from elsewhere are dropped before they are parsed.
     accept_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    hooks: Hooks = field(default_factory=Hooks)
 
     def member(self, name: str) -> Member | None:
         for m in self.roster:
@@ -183,22 +224,35 @@ class Config:
 
     @property
     def digest(self) -> bytes:
-        """8-byte digest of what must match across nodes: cluster, roster and pool.
+        """8-byte digest of what must match across nodes: cluster, roster, placement rules.
 
         Interface names are left out on purpose: they may differ between machines; so are
         public keys, which differ between nodes during a key rotation (a wrong key shows as
-        rejected heartbeats, counted by reason, not as a config mismatch).
+        rejected heartbeats, counted by reason, not as a config mismatch). So is the pool:
+        it has its own digest (`pool_digest`), because a pool edit is rolled out node by
+        node with reloads, and nodes on the old and the new pool must keep serving together.
         """
         # The placement algorithm's version is part of the digest: nodes that would place the
         # same pool differently must be reported as mismatched, never silently disagree.
-        h = hashlib.sha256(f"vipd-config-v1 placement-v{PLACEMENT_VERSION}\0".encode())
+        h = hashlib.sha256(f"vipd-config-v2 placement-v{PLACEMENT_VERSION}\0".encode())
         h.update(self.cluster.encode() + b"\0")
         for m in sorted(self.roster, key=lambda m: m.name):
             h.update(f"member {m.name} {m.weight}\n".encode())
-        for g in self.pool:
-            addrs = " ".join(sorted(str(a) for a in g.addresses))
-            h.update(f"group {g.name} {addrs}\n".encode())
         return h.digest()[:8]
+
+    @property
+    def pool_digest(self) -> bytes:
+        """8-byte digest of the pool: group names, addresses and preferences. Heartbeats
+        carry it so a peer knows which pool the held-groups bitmap indexes."""
+        return pool_digest(self.pool)
+
+
+def pool_digest(pool: tuple[PoolGroup, ...]) -> bytes:
+    h = hashlib.sha256(b"vipd-pool-v1\0")
+    for g in pool:
+        addrs = " ".join(sorted(str(a) for a in g.addresses))
+        h.update(f"group {g.name} {addrs} prefer {','.join(g.prefer)}\n".encode())
+    return h.digest()[:8]
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -219,11 +273,14 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "timing": frozenset({"profile", *Timing.__dataclass_fields__}),
     "control": frozenset({"socket", "mode", "group"}),
     "log": frozenset({"level", "format"}),
-    "announce": frozenset({"schedule"}),
+    "announce": frozenset(
+        {"schedule", "refresh_interval", "defend_interval", "na_router", "notify", "notify_rate"}
+    ),
     "metrics": frozenset({"listen"}),
+    "hooks": frozenset({*HOOK_EVENTS, "timeout"}),
 }
 _ROSTER_KEYS = frozenset({"name", "public_keys", "weight", "address"})
-_POOL_KEYS = frozenset({"name", "interface", "addresses"})
+_POOL_KEYS = frozenset({"name", "interface", "addresses", "prefer"})
 _TOP_KEYS = frozenset({*_SECTIONS, "roster", "pool"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 PARTITION_POLICIES = ("all", "majority")
@@ -376,7 +433,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             f"this node {node_name!r} is not in the roster",
             "add a [[roster]] entry for it (vipctl keygen prints one)",
         )
-    pool = _parse_pool(r, data.get("pool", []))
+    pool = _parse_pool(r, data.get("pool", []), {m.name for m in roster})
 
     control = r.table(data, "control", _SECTIONS["control"])
     socket_path = Path(r.string(control, "socket", "control", "/run/vipd/vipd.sock"))
@@ -406,6 +463,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         )
 
     announce = _parse_announce(r, r.table(data, "announce", _SECTIONS["announce"]))
+    hooks = _parse_hooks(r, r.table(data, "hooks", _SECTIONS["hooks"]))
     metrics = r.table(data, "metrics", _SECTIONS["metrics"])
     listen = metrics.get("listen", "127.0.0.1:9477")
     host, _, port_text = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
@@ -438,6 +496,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         transport=transport,
         metrics_listen=listen or None,
         accept_from=accept_from,
+        hooks=hooks,
     )
 
 
@@ -550,7 +609,7 @@ def _parse_roster(r: _Reader, roster: Any) -> tuple[Member, ...]:
     return tuple(members)
 
 
-def _parse_pool(r: _Reader, pool: Any) -> tuple[PoolGroup, ...]:
+def _parse_pool(r: _Reader, pool: Any, roster: set[str]) -> tuple[PoolGroup, ...]:
     if not isinstance(pool, list):
         raise r.fail("pool", "must be an array of tables", "write each entry as [[pool]]")
     if len(pool) > MAX_POOL_GROUPS:
@@ -589,7 +648,19 @@ def _parse_pool(r: _Reader, pool: Any) -> tuple[PoolGroup, ...]:
                 raise r.fail(key, f"{ip} is already in group {owner_of[ip]!r}", "list it once")
             owner_of[ip] = name
             addrs.append(iface_addr)
-        groups.append(PoolGroup(name=name, interface=iface, addresses=tuple(addrs)))
+        prefer = entry.get("prefer", [])
+        if not isinstance(prefer, list) or not all(isinstance(p, str) for p in prefer):
+            raise r.fail(f"{where}.prefer", f"{prefer!r} is not a list of names", 'e.g. ["web1"]')
+        for j, p in enumerate(prefer):
+            if p not in roster:
+                raise r.fail(
+                    f"{where}.prefer[{j}]", f"{p!r} is not in the roster", "name a roster member"
+                )
+        if len(set(prefer)) != len(prefer):
+            raise r.fail(f"{where}.prefer", "names a member twice", "list each member once")
+        groups.append(
+            PoolGroup(name=name, interface=iface, addresses=tuple(addrs), prefer=tuple(prefer))
+        )
     return tuple(sorted(groups, key=lambda g: g.name))
 
 
@@ -606,7 +677,69 @@ def _parse_announce(r: _Reader, a: Mapping[str, Any]) -> Announce:
             f"{schedule!r} is not a list of offsets",
             "use up to 20 non-negative seconds, e.g. [0, 0.05, 1, 2, 5]",
         )
-    return Announce(schedule=tuple(sorted(float(s) for s in schedule)))
+    defaults = Announce()
+    refresh = a.get("refresh_interval", defaults.refresh_interval)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 0:
+        raise r.fail(
+            "announce.refresh_interval",
+            f"{refresh!r} is not a number of seconds",
+            "use 0 (off) or a period such as 60",
+        )
+    if 0 < refresh < 1:
+        raise r.fail(
+            "announce.refresh_interval", f"{refresh} s is too often", "use 0 (off) or >= 1 s"
+        )
+    defend = r.number(a, "defend_interval", "announce", defaults.defend_interval)
+    router = a.get("na_router", False)
+    if not isinstance(router, bool):
+        raise r.fail("announce.na_router", f"{router!r} is not true or false", "use true/false")
+    notify: list[IPNetwork] = []
+    raw_notify = a.get("notify", [])
+    if not isinstance(raw_notify, list):
+        raise r.fail("announce.notify", f"{raw_notify!r} is not a list", 'e.g. ["198.51.100.1"]')
+    for i, text in enumerate(raw_notify):
+        key = f"announce.notify[{i}]"
+        try:
+            net = ipaddress.ip_network(str(text), strict=True)
+        except ValueError as e:
+            fix = 'write a host or a network, e.g. "198.51.100.1"'
+            raise r.fail(key, f"{text!r}: {e}", fix) from None
+        if net.is_multicast or net.num_addresses > 4096:
+            raise r.fail(key, f"{net} is multicast or larger than 4096 hosts", "use a /20 or less")
+        notify.append(net)
+    rate = r.number(a, "notify_rate", "announce", defaults.notify_rate)
+    return Announce(
+        schedule=tuple(sorted(float(s) for s in schedule)),
+        refresh_interval=float(refresh),
+        defend_interval=defend,
+        na_router=router,
+        notify=tuple(notify),
+        notify_rate=rate,
+    )
+
+
+def _parse_hooks(r: _Reader, h: Mapping[str, Any]) -> Hooks:
+    commands: dict[str, HookCommand] = {}
+    for event in HOOK_EVENTS:
+        if event not in h:
+            continue
+        value = h[event]
+        argv = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(x, str) and x for x in argv)
+            or not argv[0].startswith("/")
+        ):
+            raise r.fail(
+                f"hooks.{event}",
+                f"{value!r} is not a command",
+                'give an absolute path, or an argv list such as ["/usr/local/sbin/vip-hook", "-v"]'
+                " (run without a shell)",
+            )
+        commands[event] = tuple(argv)
+    timeout = r.number(h, "timeout", "hooks", Hooks().timeout)
+    return Hooks(**commands, timeout=timeout)
 
 
 def _parse_accept_from(

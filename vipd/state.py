@@ -1,4 +1,5 @@
-"""Persistent node state: the incarnation number, which must rise on every restart.
+"""Persistent node state: the incarnation number, which must rise on every restart, and the
+operator table (moves and drains, `vipd.overrides`), which must survive one.
 
 Without a state directory the incarnation is the start time in milliseconds, which rises as
 long as the clock does not step back across a restart. With one, it is also at least one more
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from vipd.overrides import Overrides, OverridesError
 
 FILE = "incarnation"
 
@@ -23,10 +26,42 @@ def next_incarnation(state_dir: Path | None, wall: float) -> int:
     except (OSError, ValueError):
         previous = 0
     incarnation = max(candidate, previous + 1)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, f"{incarnation}\n")
+    return incarnation
+
+
+OVERRIDES_FILE = "overrides.json"
+
+
+def load_overrides(state_dir: Path | None) -> Overrides | None:
+    """The operator table persisted by `save_overrides`, or None if there is none.
+    Raises OverridesError (with the path) if the file is damaged."""
+    if state_dir is None:
+        return None
+    path = state_dir / OVERRIDES_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OverridesError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise OverridesError(f"{path}: not UTF-8") from None
+    try:
+        return Overrides.from_json(text)
+    except OverridesError as e:
+        raise OverridesError(f"{path}: {e}") from None
+
+
+def save_overrides(state_dir: Path, table: Overrides) -> None:
+    """Atomically replace the persisted table (write, fsync, rename)."""
+    _write_atomic(state_dir / OVERRIDES_FILE, table.to_json() + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{incarnation}\n")
+    tmp.write_text(text)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
-    return incarnation

@@ -22,8 +22,8 @@ import os
 import random
 import struct
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from vipd.membership import wire
 from vipd.membership.core import MembershipCore, View
 from vipd.membership.driver import MAX_READS_PER_WAKEUP, RECV_BUFFER
 from vipd.membership.events import PacketRejected
-from vipd.membership.wire import TLV, DecodeError, Flag, Heartbeat, Override, Reject, Stats
+from vipd.membership.wire import TLV, DecodeError, Flag, Heartbeat, Reject, Stats
+from vipd.overrides import MAX_ENTRIES, REASONS, Move, Overrides, OverridesError
 
 CORPUS = Path(__file__).parent / "corpus"
 GROUPS = 6
@@ -208,6 +209,29 @@ def _name(rng: random.Random, size: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(size))
 
 
+def _names(rng: random.Random, n: int) -> list[str]:
+    """n distinct names in a table's canonical order (sorted), now and then 63 bytes long."""
+    out: set[str] = set()
+    while len(out) < n:
+        if rng.random() < 0.05:
+            out.add("x" * 62 + rng.choice("abc"))  # the longest name a table can carry
+        else:
+            out.add(_name(rng, rng.randint(1, 12)))  # at most 48 bytes
+    return sorted(out)
+
+
+def random_overrides(rng: random.Random) -> Overrides:
+    """A valid operator table: now and then the empty one (version 0), else a few moves of
+    both reasons and a few drained nodes, canonical (sorted, unique)."""
+    if rng.random() < 0.3:
+        return Overrides()
+    groups = _names(rng, rng.choice((0, 1, 2, 4, rng.randint(0, 12))))
+    moves = tuple(Move(g, _name(rng, rng.randint(1, 8)), rng.choice(REASONS)) for g in groups)
+    drained = tuple(_names(rng, rng.choice((0, 0, 1, 3))))
+    version = rng.choice((1, 2, 2**32 - 1, rng.randrange(1, 1 << 32)))
+    return Overrides(version, _names(rng, 1)[0], moves, drained)
+
+
 def random_heartbeat(
     rng: random.Random, sender: str = "n2", seq: int = 1, incarnation: int = 7
 ) -> Heartbeat:
@@ -225,12 +249,6 @@ def random_heartbeat(
         stats = Stats(
             *(rng.randrange(1 << bits) for bits in (32, 16, 16, 64, 64, 32, 32, 32, 32, 32))
         )
-    overrides = tuple(
-        Override(
-            rng.randrange(wire.MAX_GROUPS), _name(rng, rng.randint(1, 12)), rng.randrange(1 << 32)
-        )
-        for _ in range(rng.choice((0, 0, 1, 4)))
-    )
     hb = heartbeat(
         sender,
         seq=seq,
@@ -243,13 +261,41 @@ def random_heartbeat(
         held=held,
         released=released,
         stats=stats,
-        overrides=overrides,
+        overrides=random_overrides(rng),
+        pool_digest=rng.randbytes(wire.DIGEST_LEN) if rng.random() < 0.6 else None,
     )
-    try:
-        sign(hb)
-    except ValueError:  # too large for one datagram: drop the optional parts
-        hb = heartbeat(sender, seq=seq, group_count=count, held=held)
-    return hb
+    for smaller in (
+        hb,
+        replace(hb, stats=None, released=frozenset()),  # keep the table if it fits
+        heartbeat(sender, seq=seq, group_count=count, held=held),
+    ):
+        try:
+            sign(smaller)
+        except ValueError:  # too large for one datagram: drop optional parts
+            continue
+        return smaller
+    raise AssertionError("a bare heartbeat always fits")
+
+
+def raw_overrides(
+    version: int = 1,
+    issuer: bytes = b"n2",
+    moves: Sequence[tuple[bytes, bytes, int]] = (),
+    drained: Sequence[bytes] = (),
+    *,
+    move_count: int | None = None,
+    drained_count: int | None = None,
+) -> bytes:
+    """A table's wire form with nothing checked (names as raw bytes, any reason code,
+    any order, counts that may lie): to build the ones Overrides.encode would not."""
+    out = [struct.pack("!IB", version, len(issuer)), issuer]
+    out.append(struct.pack("!H", len(moves) if move_count is None else move_count))
+    for group, target, code in moves:
+        out += [bytes([len(group)]), group, bytes([len(target)]), target, bytes([code])]
+    out.append(struct.pack("!H", len(drained) if drained_count is None else drained_count))
+    for name in drained:
+        out += [bytes([len(name)]), name]
+    return b"".join(out)
 
 
 # --- mutation engine ---------------------------------------------------------------------
@@ -392,11 +438,66 @@ def mutate(rng: random.Random, data: bytes, other: bytes = b"") -> bytes:
     return bytes(b)
 
 
+_BAD_NAMES = (b"", b"x" * 64, b"n\xff", b"\xc3", b"\xed\xa0\x80")  # empty, long, not UTF-8
+
+
+def mutate_overrides(rng: random.Random, value: bytes) -> bytes:
+    """Structure-aware edits of an OVERRIDES value: each of the rules of a canonical table
+    (Overrides.decode) broken on its own, from a table that was valid. A value that is not
+    a valid table any more gets byte-level edits."""
+    try:
+        table = Overrides.decode(value)
+    except OverridesError:
+        return mutate(rng, value)
+    version, issuer = table.version, table.issuer.encode()
+    moves = [(m.group.encode(), m.target.encode(), REASONS.index(m.reason)) for m in table.moves]
+    drained = [n.encode() for n in table.drained]
+    move_count: int | None = None
+    drained_count: int | None = None
+    edit = rng.randrange(12)
+    if edit == 0:
+        version = rng.choice((0, 1, 2**32 - 1))
+    elif edit == 1:  # the empty table, sent as a TLV
+        version, issuer, moves, drained = 0, b"", [], []
+    elif edit == 2:
+        issuer = rng.choice((*_BAD_NAMES, b"i" * 63))
+    elif edit == 3:  # a bad name or reason code in a move (read before the order is checked)
+        bad = rng.choice(_BAD_NAMES)
+        entry = rng.choice(((bad, b"n1", 0), (b"g", bad, 1), (b"g", b"n1", rng.choice((2, 255)))))
+        moves.insert(rng.randint(0, len(moves)), entry)
+    elif edit == 4:
+        drained.insert(rng.randint(0, len(drained)), rng.choice(_BAD_NAMES))
+    elif edit == 5 and moves:  # a group twice, or out of order
+        moves.insert(rng.randrange(len(moves) + 1), rng.choice(moves))
+    elif edit == 6 and len(moves) > 1:
+        i = rng.randrange(len(moves) - 1)
+        moves[i], moves[i + 1] = moves[i + 1], moves[i]
+    elif edit == 7 and drained:
+        drained.insert(rng.randrange(len(drained) + 1), rng.choice(drained))
+    elif edit == 8 and len(drained) > 1:
+        drained.reverse()
+    elif edit == 9:  # counts that lie, or pass the limit
+        which = rng.randrange(2)
+        have = (len(moves), len(drained))[which]
+        count = rng.choice((have + 1, max(have - 1, 0), MAX_ENTRIES + 1, 0xFFFF))
+        move_count, drained_count = (count, None) if which == 0 else (None, count)
+    raw = raw_overrides(
+        version, issuer, moves, drained, move_count=move_count, drained_count=drained_count
+    )
+    if edit == 10:
+        raw += rng.randbytes(rng.choice((1, 2, 5)))  # trailing bytes
+    elif edit == 11:
+        raw = raw[: rng.randrange(len(raw))]  # truncated
+    return raw
+
+
 def _mutate_value(rng: random.Random, kind: int, value: bytes) -> bytes:
     """Structure-aware edits of one TLV value: the counts and entries decode_body checks."""
     v = bytearray(value)
     choice = rng.random()
-    if choice < 0.25 and kind in (TLV.HELD, TLV.RELEASED, TLV.OVERRIDES) and len(v) >= 2:
+    if choice < 0.4 and kind == TLV.OVERRIDES:
+        return mutate_overrides(rng, value)
+    if choice < 0.25 and kind in (TLV.HELD, TLV.RELEASED) and len(v) >= 2:
         count = rng.choice((0, 1, 8, 9, 64, 65, 4096, 4097, 0xFFFF, _interesting(rng, 16)))
         struct.pack_into("!H", v, 0, count)
         if rng.random() < 0.5 and kind == TLV.HELD:
@@ -405,11 +506,6 @@ def _mutate_value(rng: random.Random, kind: int, value: bytes) -> bytes:
         elif rng.random() < 0.5 and kind == TLV.RELEASED:
             del v[2:]
             v += b"".join(struct.pack("!H", rng.randrange(16)) for _ in range(min(count, 600)))
-    elif choice < 0.4 and kind == TLV.OVERRIDES and len(v) >= 9:
-        pos = rng.choice((2, 6, 8))  # group, version's low byte, target length
-        v[pos] = _interesting(rng, 8)
-        if rng.random() < 0.3:
-            v[-1] = rng.choice((0x80, 0xC3, 0xFF))  # not UTF-8
     elif choice < 0.5 and kind == TLV.HELD and len(v) > 2:
         v[-1] |= rng.choice((1, 0x0F, 0xFF))  # bits past the group count
     elif choice < 0.65:
@@ -425,7 +521,7 @@ def mutate_body(rng: random.Random, body: bytes) -> bytes:
     """TLV-aware mutations of a heartbeat body."""
     items = split_tlvs(body)
     for _ in range(rng.choice((1, 1, 2, 3))):
-        op = rng.randrange(9)
+        op = rng.randrange(10)
         i = rng.randrange(len(items)) if items else 0
         if op == 0 and items:
             del items[i]
@@ -438,7 +534,7 @@ def mutate_body(rng: random.Random, body: bytes) -> bytes:
         elif op == 4:
             items.insert(
                 rng.randint(0, len(items)),
-                (rng.randrange(7, 256), rng.randbytes(rng.randint(0, 40))),
+                (rng.randrange(max(TLV) + 1, 256), rng.randbytes(rng.randint(0, 40))),
             )
         elif op == 5 and len(items) > 1:
             j = rng.randrange(len(items))
@@ -448,8 +544,16 @@ def mutate_body(rng: random.Random, body: bytes) -> bytes:
             items.insert(rng.randint(0, len(items)), (rng.choice(list(TLV)), rng.randbytes(size)))
         elif op == 7 and items:
             items[i] = (rng.choice(list(TLV)), items[i][1])
+        elif op == 9:  # the operator table, broken one rule at a time (or added, then broken)
+            at = [j for j, (k, _) in enumerate(items) if k == TLV.OVERRIDES]
+            if at:
+                items[at[0]] = (TLV.OVERRIDES, mutate_overrides(rng, items[at[0]][1]))
+            else:
+                raw = mutate_overrides(rng, random_overrides(rng).encode())
+                items.insert(rng.randint(0, len(items)), (TLV.OVERRIDES, raw))
         # op 8: leave the TLVs as they are (only the edits below, if any)
-    out = b"".join(tlv(k, v) for k, v in items)
+    # A byte-level mutation may resize a value past what a TLV length can say: cut it there.
+    out = b"".join(tlv(k, v[:0xFFFF]) for k, v in items)
     if rng.random() < 0.2 and items:  # a TLV whose declared length lies
         k, v = items[-1]
         out += tlv(k, v, length=rng.choice((len(v) + 1, 0xFFFF, max(len(v) - 1, 0))))
@@ -563,6 +667,24 @@ def wire_outcome(data: bytes) -> str:
     return "decoded"
 
 
+def check_overrides(table: Overrides) -> None:
+    """What every decoded table must be: canonical (the one encoding of its content), every
+    name 1..63 bytes (the issuer empty only in the empty table), known reasons, bounded."""
+    assert Overrides.decode(table.encode()) == table
+    assert 0 <= table.version < 1 << 32
+    if table.version == 0:
+        assert table == Overrides(), table
+    assert len(table.issuer.encode()) <= wire.MAX_NAME
+    assert table.issuer or table.version == 0, table
+    groups = [m.group for m in table.moves]
+    assert groups == sorted(set(groups)), groups
+    assert list(table.drained) == sorted(set(table.drained)), table.drained
+    assert len(table.moves) <= MAX_ENTRIES and len(table.drained) <= MAX_ENTRIES
+    assert all(m.reason in REASONS for m in table.moves)
+    names = [*groups, *(m.target for m in table.moves), *table.drained]
+    assert all(1 <= len(n.encode()) <= wire.MAX_NAME for n in names), names
+
+
 def check_heartbeat(hb: Heartbeat) -> None:
     """What every decoded heartbeat must satisfy, however strange its body."""
     assert 0 <= hb.group_count <= wire.MAX_GROUPS
@@ -570,8 +692,8 @@ def check_heartbeat(hb: Heartbeat) -> None:
     assert all(0 <= i < hb.group_count for i in hb.released)
     assert len(hb.released) <= wire.MAX_RELEASED
     assert len(hb.view_digest) == len(hb.config_digest) == wire.DIGEST_LEN
-    assert all(1 <= len(o.target.encode()) <= wire.MAX_NAME for o in hb.overrides)
-    assert all(0 <= o.group < wire.MAX_GROUPS for o in hb.overrides)
+    assert hb.pool_digest is None or len(hb.pool_digest) == wire.DIGEST_LEN
+    check_overrides(hb.overrides)
     assert 1 <= len(hb.cluster.encode()) <= wire.MAX_NAME
     assert 1 <= len(hb.sender.encode()) <= wire.MAX_NAME
 
@@ -605,7 +727,16 @@ def check_decoder(data: bytes) -> str:
 
 
 def snapshot(core: MembershipCore) -> tuple[View, dict[str, Any], frozenset[int]]:
-    return core.view, copy.deepcopy(core.peers), core.held
+    """View, a deep copy of the peers and held groups. Frozensets (held and released, up to
+    4,096 indices a peer) are immutable and shared instead of copied: deepcopy would copy
+    them element by element, which made this most of a flood test's time."""
+    shared = {
+        id(v): v
+        for peer in core.peers.values()
+        for v in getattr(peer, "__dict__", {}).values()
+        if isinstance(v, frozenset)
+    }
+    return core.view, copy.deepcopy(core.peers, shared), core.held
 
 
 #: Rejections the core reports once per dry spell, not once per datagram (see admission).

@@ -41,8 +41,10 @@ from tests.fuzz.kit import (
     FakeCommands,
     Parts,
     control_server,
+    decode,
     feed,
     heartbeat,
+    raw_overrides,
     receiver,
     seal,
     sign,
@@ -50,7 +52,8 @@ from tests.fuzz.kit import (
     wire_outcome,
 )
 from vipd.membership import wire
-from vipd.membership.wire import TLV, Flag, Override, Stats
+from vipd.membership.wire import TLV, DecodeError, Flag, Stats
+from vipd.overrides import Move, Overrides
 
 #: Ed25519's group order: S and S + L verify the same under a lax verifier.
 ED25519_L = 2**252 + 27742317777372353535851937790883648493
@@ -73,6 +76,10 @@ class WireSeed:
     core: str  # "accepted" or the reason a fresh receiver gives
     why: str
     wire: str = ""  # the decoder's verdict; by default the core's if the decoder decides it
+    #: Part of the decoder's DecodeError detail, to make sure a refusal is the intended one
+    #: (checked by the generator, not recorded in the index).
+    detail: str = ""
+    bug: str = ""  # a known defect: the outcome declared is the correct one, not today's
 
     @property
     def expected_wire(self) -> str:
@@ -139,8 +146,10 @@ def wire_seeds() -> list[WireSeed]:
         held=frozenset(range(0, wire.MAX_GROUPS, 3)),
         released=frozenset(range(1, 3 * wire.MAX_RELEASED, 3)),
         stats=Stats(1500, 800, 4, 8 << 30, 6 << 30, 12, 4, 100, 2**32 - 1, 900),
-        overrides=(Override(4095, "ü" * 31, 2**32 - 1), Override(0, "n1", 1)),
+        overrides=Overrides(2**32 - 1, "n1", (Move("g-4095", "ü" * 31, "reload"),), ("n3",)),
+        pool_digest=b"P" * 8,
     )
+    longest = "ü" * 31 + "x"  # 63 bytes
     s = WireSeed
     return [
         # accepted, of several shapes
@@ -152,14 +161,27 @@ def wire_seeds() -> list[WireSeed]:
             sign(
                 heartbeat(
                     stats=Stats(load_milli=1500, ncpu=4),
-                    overrides=(Override(3, "n1", 9), Override(5, "名前", 2)),
+                    overrides=TABLE,
                     released=frozenset({1, 2}),
+                    pool_digest=b"P" * 8,
                 )
             ),
             "accepted",
-            "stats, overrides (one UTF-8 target), released",
+            "stats, released, pool digest, a table: moves of both reasons, a drain, UTF-8 names",
         ),
         s("accepted-4096-groups", sign(big), "accepted", "the largest pool, every TLV"),
+        s(
+            "accepted-overrides-longest-names",
+            sign(heartbeat(overrides=Overrides(1, longest, (Move(longest, longest),), (longest,)))),
+            "accepted",
+            "issuer, group, target and drained node of 63 bytes",
+        ),
+        s(
+            "accepted-overrides-no-entries",
+            sign(heartbeat(overrides=Overrides(3, "n1"))),
+            "accepted",
+            "version 3, nothing moved or drained (the last one undone)",
+        ),
         s("accepted-exactly-1200", _padded_to(wire.MAX_DATAGRAM), "accepted", "the size limit"),
         s(
             "accepted-unknown-tlv",
@@ -263,41 +285,119 @@ def wire_seeds() -> list[WireSeed]:
             "malformed",
             "bit 7 of 6 groups",
         ),
+        s("body-pool-digest-7-bytes", _with_pool(7), "malformed", "", detail="POOL_DIGEST has"),
+        s("body-pool-digest-9-bytes", _with_pool(9), "malformed", "", detail="POOL_DIGEST has"),
+        # OVERRIDES: Overrides.decode's every refusal, then decode_body's own
         s(
-            "body-overrides-too-short",
-            _with_body(_body(tlv(TLV.OVERRIDES, b"\0"))),
+            "body-overrides-truncated",
+            _with_table(TABLE.encode()[:20]),
             "malformed",
-            "",
+            "cut inside the second move",
+            detail="truncated name",
         ),
         s(
-            "body-overrides-entry-truncated",
-            _with_body(_body(tlv(TLV.OVERRIDES, b"\0\2" + _override(1, b"n1")))),
+            "body-overrides-moves-count-past-entries",
+            _with_table(raw_overrides(1, b"n2", [(b"g", b"n1", 0)], [b"n3"], move_count=2)),
             "malformed",
-            "count 2, one entry",
+            "count 2, one move: the drained list is read as a move",
+            detail="name length 0",
         ),
         s(
-            "body-overrides-target-empty",
-            _with_body(_body(tlv(TLV.OVERRIDES, b"\0\1" + _override(1, b"")))),
+            "body-overrides-drained-count-past-entries",
+            _with_table(raw_overrides(1, b"n2", [], [b"n3"], drained_count=2)),
             "malformed",
-            "",
+            "count 2, one name",
+            detail="truncated",
         ),
         s(
-            "body-overrides-group-4096",
-            _with_body(_body(tlv(TLV.OVERRIDES, b"\0\1" + _override(4096, b"n1")))),
+            "body-overrides-513-entries",
+            _with_table(raw_overrides(1, b"n2", drained_count=513)),
+            "malformed",
+            "refused before reading one: MAX_ENTRIES is 512",
+            detail="513 entries, at most 512",
+        ),
+        s(
+            "body-overrides-group-empty",
+            _with_table(raw_overrides(1, b"n2", [(b"", b"n1", 0)])),
             "malformed",
             "",
+            detail="name length 0",
+        ),
+        s(
+            "body-overrides-name-64-bytes",
+            _with_table(raw_overrides(1, b"n2", [], [b"n" * 64])),
+            "malformed",
+            "",
+            detail="name length 64",
+        ),
+        s(
+            "body-overrides-name-not-utf8",
+            _with_table(raw_overrides(1, b"n2", [(b"g", b"n\xff", 0)])),
+            "malformed",
+            "a move's target",
+            detail="not UTF-8",
+        ),
+        s(
+            "body-overrides-reason-2",
+            _with_table(raw_overrides(1, b"n2", [(b"g", b"n1", 2)])),
+            "malformed",
+            "0 is move, 1 is reload",
+            detail="unknown move reason 2",
+        ),
+        s(
+            "body-overrides-moves-unsorted",
+            _with_table(raw_overrides(1, b"n2", [(b"www-b", b"n1", 0), (b"www-a", b"n1", 0)])),
+            "malformed",
+            "",
+            detail="not sorted or repeated",
+        ),
+        s(
+            "body-overrides-group-repeated",
+            _with_table(raw_overrides(1, b"n2", [(b"www-a", b"n1", 0), (b"www-a", b"n3", 1)])),
+            "malformed",
+            "two moves of one group",
+            detail="not sorted or repeated",
+        ),
+        s(
+            "body-overrides-drained-unsorted",
+            _with_table(raw_overrides(1, b"n2", [], [b"n3", b"n2"])),
+            "malformed",
+            "",
+            detail="not sorted or repeated",
+        ),
+        s(
+            "body-overrides-drained-repeated",
+            _with_table(raw_overrides(1, b"n2", [], [b"n3", b"n3"])),
+            "malformed",
+            "",
+            detail="not sorted or repeated",
         ),
         s(
             "body-overrides-trailing",
-            _with_body(_body(tlv(TLV.OVERRIDES, b"\0\1" + _override(1, b"n1") + b"\0"))),
+            _with_table(TABLE.encode() + b"\0"),
             "malformed",
             "",
+            detail="trailing bytes",
         ),
         s(
-            "body-overrides-target-not-utf8",
-            _with_body(_body(tlv(TLV.OVERRIDES, b"\0\1" + _override(1, b"n\xff")))),
+            "body-overrides-version-0-with-content",
+            _with_table(raw_overrides(0, b"n2", [], [b"n3"])),
             "malformed",
-            "",
+            "version 0 is the empty table",
+            detail="version 0 is the empty table",
+        ),
+        s(
+            "body-overrides-version-0-empty",
+            _with_table(raw_overrides(0, b"")),
+            "malformed",
+            "the empty table is sent as no TLV at all",
+            detail="sent as no TLV",
+        ),
+        s(
+            "body-overrides-issuer-empty",
+            _with_table(raw_overrides(1, b"")),
+            "malformed",
+            "a table above version 0 names its issuer (accepted before a fuzz-found fix)",
         ),
         s("body-released-too-short", _with_body(_body(tlv(TLV.RELEASED, b"\0"))), "malformed", ""),
         s(
@@ -389,8 +489,19 @@ def _names(cluster: bytes, sender: bytes) -> bytes:
     return parts.seal(KEYS["n2"])
 
 
-def _override(group: int, target: bytes) -> bytes:
-    return struct.pack("!HIB", group, 7, len(target)) + target
+#: A table with moves of both reasons, a drained node and UTF-8 names (the seeds' base).
+TABLE = Overrides(
+    9, "n3", (Move("www-a", "n1"), Move("www-b", "nœud", "reload"), Move("名前", "n2")), ("n2",)
+)
+
+
+def _with_table(raw: bytes) -> bytes:
+    """A correctly signed heartbeat whose OVERRIDES TLV holds `raw`."""
+    return _with_body(_body(tlv(TLV.HELD, b"\0\6\x84"), tlv(TLV.OVERRIDES, raw)))
+
+
+def _with_pool(size: int) -> bytes:
+    return _with_body(_body(tlv(TLV.HELD, b"\0\6\x84"), tlv(TLV.POOL_DIGEST, b"P" * size)))
 
 
 def _forged(signed: bytes) -> bytes:
@@ -474,8 +585,21 @@ def core_outcome(data: bytes) -> str:
     return feed(receiver(), data)
 
 
+def wire_detail(data: bytes) -> str:
+    """The detail of the decoder's DecodeError ("" if it decodes)."""
+    try:
+        decode(data)
+    except DecodeError as e:
+        return e.detail
+    return ""
+
+
 def wire_entry(seed: WireSeed) -> dict[str, Any]:
-    return {"wire": seed.expected_wire, "core": seed.core, "why": seed.why, "source": "generated"}
+    entry: dict[str, Any] = {"wire": seed.expected_wire, "core": seed.core, "why": seed.why}
+    if seed.bug:
+        entry["bug"] = seed.bug
+    entry["source"] = "generated"
+    return entry
 
 
 def control_entry(seed: ControlSeed) -> dict[str, Any]:
@@ -495,8 +619,13 @@ def verify_seeds() -> list[str]:
             problems.append(f"wire/{ws.name}: duplicate name")
         names.add(ws.name)
         got = (wire_outcome(ws.data), core_outcome(ws.data))
-        if got != (ws.expected_wire, ws.core):
-            problems.append(f"wire/{ws.name}: declared {(ws.expected_wire, ws.core)}, got {got}")
+        want = (ws.expected_wire, ws.core)
+        if ws.bug and got == want:
+            problems.append(f"wire/{ws.name}: its bug is fixed; drop 'bug' from the seed")
+        elif not ws.bug and got != want:
+            problems.append(f"wire/{ws.name}: declared {want}, got {got}")
+        elif ws.detail and ws.detail not in wire_detail(ws.data):
+            problems.append(f"wire/{ws.name}: refused for {wire_detail(ws.data)!r}")
     for cs in control_seeds():
         result = control_outcome(cs.line)
         declared = (cs.root, cs.user)

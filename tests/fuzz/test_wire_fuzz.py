@@ -3,13 +3,16 @@
 The properties: whatever arrives, the decoder raises only DecodeError; a datagram accepted
 without being re-signed is byte-identical to one a member signed; the core never raises,
 counts every datagram exactly once (accepted, or under one reason), is unchanged by what it
-rejects, and keeps nothing per rejected datagram once its events are drained.
+rejects, and keeps nothing per rejected datagram once its events are drained. The operator
+table (TLV OVERRIDES, and the daemon's overrides.json) decodes only to its one canonical
+form, or raises OverridesError.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import json
 import os
 import random
 import subprocess
@@ -18,6 +21,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import example, given
@@ -34,11 +38,14 @@ from tests.fuzz.kit import (
     Receiver,
     check_decoder,
     check_heartbeat,
+    check_overrides,
     feed,
     fuzz_settings,
     mutate,
     mutate_body,
+    mutate_overrides,
     random_heartbeat,
+    random_overrides,
     receiver,
     seal,
     sign,
@@ -46,7 +53,8 @@ from tests.fuzz.kit import (
 from vipd.keys import public_key_bytes
 from vipd.membership import wire
 from vipd.membership.driver import MAX_READS_PER_WAKEUP
-from vipd.membership.wire import DecodeError, Flag, Reject
+from vipd.membership.wire import TLV, DecodeError, Flag, Reject
+from vipd.overrides import Overrides, OverridesError
 
 CORPUS = kit.corpus("wire")
 INDEX = kit.corpus_index("wire")
@@ -166,15 +174,21 @@ def test_mutation_engine_reaches_every_refusal_of_decode_body() -> None:
         "VIEW_DIGEST has",
         "CONFIG_DIGEST has",
         "STATS has",
+        "POOL_DIGEST has",
         "digest missing",
         "HELD too short",
         "HELD bitmap does not match",
         "HELD has bits set past",
-        "OVERRIDES too short",
-        "OVERRIDES entry truncated",
-        "OVERRIDES entry out of range",
-        "OVERRIDES has trailing bytes",
-        "override target is not UTF-8",
+        "OVERRIDES: truncated",
+        "OVERRIDES: truncated name",
+        "OVERRIDES: name length",
+        "OVERRIDES: name is not UTF-8",
+        "OVERRIDES: unknown move reason",
+        "entries, at most 512",
+        "OVERRIDES: entries not sorted or repeated",
+        "OVERRIDES: trailing bytes",
+        "OVERRIDES: version 0 is the empty table",
+        "OVERRIDES: an empty table is sent as no TLV",
         "RELEASED too short",
         "RELEASED does not hold",
         "RELEASED index past",
@@ -239,10 +253,23 @@ def test_garbage_leaves_the_core_as_it_was() -> None:
 # --- the corpus ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(INDEX))
+def _corpus_params() -> list[Any]:
+    return [
+        pytest.param(
+            name,
+            marks=[pytest.mark.xfail(strict=True, reason=f"BUG: {INDEX[name]['bug']}")]
+            if "bug" in INDEX[name]
+            else [],
+            id=name,
+        )
+        for name in sorted(INDEX)
+    ]
+
+
+@pytest.mark.parametrize("name", _corpus_params())
 def test_corpus_entry(name: str) -> None:
     """Each saved input has the outcome its index entry records, in the decoder alone and in
-    a fresh receiver."""
+    a fresh receiver; entries with a "bug" are strict xfails that record the correct one."""
     entry, data = INDEX[name], CORPUS[name]
     assert check_decoder(data) == entry["wire"]
     assert feed(receiver(), data) == entry["core"]
@@ -262,7 +289,138 @@ def test_a_malleated_signature_is_refused() -> None:
     assert check_decoder(signed + sig[:32] + s.to_bytes(32, "little")) == "bad_signature"
 
 
-# --- (d) memory ----------------------------------------------------------------------------
+# --- (d) the operator table on its own -----------------------------------------------------
+
+
+def _tables_in_corpus() -> list[bytes]:
+    out = []
+    for data in CORPUS.values():
+        try:
+            body = Parts.of(data).body
+        except DecodeError:
+            continue
+        out += [value for kind, value in kit.split_tlvs(body) if kind == TLV.OVERRIDES]
+    return out
+
+
+def _table_bytes(rng: random.Random) -> bytes:
+    """A valid table's encoding, broken a rule at a time and mutated byte by byte."""
+    raw = random_overrides(rng).encode()
+    for _ in range(rng.choice((0, 1, 1, 2, 3))):
+        raw = mutate_overrides(rng, raw) if rng.random() < 0.7 else mutate(rng, raw)
+    return raw
+
+
+def with_tables(test: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """Every OVERRIDES value of the corpus as an explicit example."""
+    for raw in _tables_in_corpus():
+        test = example(raw)(test)
+    return test
+
+
+@given(data=st.binary(max_size=300) | st.randoms(use_true_random=False).map(_table_bytes))
+@fuzz_settings(800)
+@with_tables
+def test_overrides_decode_is_canonical_or_refuses(data: bytes) -> None:
+    """Overrides.decode on anything: a table whose encoding is exactly the input (one
+    encoding per table, so two nodes holding the same table hold the same bytes and the
+    same digest), or OverridesError. Nothing else may come out."""
+    try:
+        table = Overrides.decode(data)
+    except OverridesError:
+        return
+    assert table.encode() == data
+    check_overrides(table)
+
+
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from((-1, 0, 2**32 - 1, 2**32, 2**64))
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=70)
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@st.composite
+def table_documents(draw: st.DrawFn) -> str:
+    """overrides.json as the daemon writes it, with a few values replaced by arbitrary JSON
+    (wrong types, huge or negative numbers, infinities, long or odd strings) or removed."""
+    doc = json.loads(random_overrides(draw(st.randoms(use_true_random=False))).to_json())
+    slots = [(doc, key) for key in doc] + [(m, key) for m in doc["moves"] for key in m]
+    for _ in range(draw(st.integers(1, 3))):
+        obj, key = draw(st.sampled_from(slots))
+        if draw(st.integers(0, 5)) == 0:
+            obj.pop(key, None)
+        else:
+            obj[key] = draw(JSON_VALUES)
+    return json.dumps(doc, ensure_ascii=draw(st.booleans()))
+
+
+@given(
+    text=st.text(max_size=300)
+    | JSON_VALUES.map(json.dumps)
+    | table_documents()
+    | st.randoms(use_true_random=False).map(lambda rng: random_overrides(rng).to_json())
+)
+@fuzz_settings(500)
+@example(Overrides().to_json())
+@example("")
+@example("{}")
+@example('{"version": 1, "issuer": "n1", "moves": [], "drained": "n2"}')
+def test_overrides_from_json_raises_only_overrides_error(text: str) -> None:
+    """state_dir/overrides.json, whatever it holds: a canonical table that survives a round
+    trip through the file, or OverridesError (the daemon starts with the empty table)."""
+    try:
+        table = Overrides.from_json(text)
+    except OverridesError:
+        return
+    check_overrides(table)
+    assert Overrides.from_json(table.to_json()) == table
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param('{"version":1,"issuer":"n1","moves":[],"drained":[1]}', id="drained-int"),
+        pytest.param(
+            '{"version":1,"issuer":"n1","moves":[],"drained":[["n2"]]}', id="drained-list"
+        ),
+        pytest.param('{"version":-1,"issuer":"n1","moves":[],"drained":[]}', id="version-negative"),
+        pytest.param(
+            '{"version":4294967296,"issuer":"n1","moves":[],"drained":[]}', id="version-2**32"
+        ),
+        pytest.param('{"version":1e999,"issuer":"n1","moves":[],"drained":[]}', id="version-inf"),
+        pytest.param(
+            '{"version":1,"issuer":"n1","moves":[],"drained":["n"]}'.replace(
+                '["n"]', json.dumps([f"n{i:05d}" for i in range(65_536)])
+            ),
+            id="65536-drained",
+        ),
+        pytest.param("[" * 100_000, id="nested-100000"),
+    ],
+)
+def test_from_json_refuses_what_the_fuzzer_found(text: str) -> None:
+    """Found by the property above (fixed): each escaped as another exception, which would
+    have stopped the daemon at start instead of starting it with an empty table."""
+    with pytest.raises(OverridesError):
+        Overrides.from_json(text)
+
+
+def test_decode_refuses_an_empty_issuer_above_version_0() -> None:
+    with pytest.raises(OverridesError):
+        Overrides.decode(kit.raw_overrides(1, b""))
+
+
+# --- (e) memory ----------------------------------------------------------------------------
 
 #: Growth allowed while a warmed-up core takes 20,000 datagrams with its events drained:
 #: 128 KiB is 6.5 bytes a datagram, less than the cheapest thing Python can keep per datagram

@@ -86,7 +86,44 @@ CASES = [
     ("cluster.transport", "unicast", "roster[0].address", "is missing for 'n1'"),
     ("roster.0.address", "239.1.1.1", "roster[0].address", "not a unicast address"),
     ("metrics.listen", "localhost", "metrics.listen", "not host:port"),
+    ("pool.0.prefer", ["n7"], "pool[0].prefer[0]", "not in the roster"),
+    ("pool.0.prefer", ["n1", "n1"], "pool[0].prefer", "names a member twice"),
+    ("pool.0.prefer", "n1", "pool[0].prefer", "not a list of names"),
+    ("announce.refresh_interval", 0.5, "announce.refresh_interval", "too often"),
+    ("announce.defend_interval", 0, "announce.defend_interval", "positive number"),
+    ("announce.na_router", "yes", "announce.na_router", "not true or false"),
+    ("announce.notify", ["2001:db8::/64"], "announce.notify[0]", "larger than 4096"),
+    ("announce.notify", ["198.51.100.1/24"], "announce.notify[0]", "host bits set"),
+    ("hooks.up", "vip-up", "hooks.up", "not a command"),
+    ("hooks.post_down", [], "hooks.post_down", "not a command"),
+    ("hooks.timeout", -1, "hooks.timeout", "positive number"),
+    ("hooks.later", "/bin/true", "hooks.later", "unknown key"),
 ]
+
+
+def test_pool_preferences_announce_and_hooks_are_read() -> None:
+    data = base()
+    data["pool"][0]["prefer"] = ["n2", "n1"]
+    data["announce"] = {
+        "refresh_interval": 60,
+        "defend_interval": 2,
+        "na_router": True,
+        "notify": ["198.51.100.1", "198.51.100.64/28", "2001:db8::1"],
+        "notify_rate": 100,
+    }
+    data["hooks"] = {"up": "/usr/local/sbin/vip-up", "down": ["/bin/logger", "-t", "vipd"]}
+    cfg = parse_config(data, Path("x.toml"))
+    assert cfg.pool[0].prefer == ("n2", "n1")
+    a = cfg.announce
+    assert (a.refresh_interval, a.defend_interval, a.na_router, a.notify_rate) == (60, 2, True, 100)
+    assert [str(n) for n in a.notify] == ["198.51.100.1/32", "198.51.100.64/28", "2001:db8::1/128"]
+    assert cfg.hooks.up == ("/usr/local/sbin/vip-up",)
+    assert cfg.hooks.command("down") == ("/bin/logger", "-t", "vipd")
+    assert cfg.hooks.post_up is None and cfg.hooks.timeout == 10.0
+    # Preferences are part of the pool digest (placement), not of the config digest.
+    other = base()
+    assert parse_config(other, Path("x.toml")).digest == cfg.digest
+    assert parse_config(other, Path("x.toml")).pool_digest != cfg.pool_digest
 
 
 def test_unicast_roster_addresses() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
+from dataclasses import replace
 
 from tests.clusterkit import WALL0, Node, make_cluster
+from vipd.config import PoolGroup
 from vipd.membership.core import MembershipCore
 from vipd.membership.events import (
     BecameReady,
@@ -13,10 +16,13 @@ from vipd.membership.events import (
     LoopStalled,
     MemberLost,
     MemberRestarted,
+    OverridesAdopted,
+    PoolDiffers,
     ViewChanged,
 )
 from vipd.membership.states import MemberState
 from vipd.membership.wire import Flag
+from vipd.overrides import Overrides
 
 STEP = 0.005
 
@@ -197,11 +203,10 @@ def test_heartbeats_carry_what_a_node_let_go_of_for_two_dead_after() -> None:
 
 def test_config_mismatch_is_reported_and_held_sets_ignored() -> None:
     nodes = make_cluster(2, groups=6)
-    other = make_cluster(2, groups=7)  # a different pool; reuse n2's key so it verifies
-    from dataclasses import replace
-
-    n2_config = replace(other["n2"].config, roster=nodes["n2"].config.roster)
-    nodes["n2"] = Node(n2_config, nodes["n2"].key)
+    # n2 weighs n1 differently (a roster typo); reuse n2's key so it verifies.
+    config = nodes["n2"].config
+    roster = tuple(replace(m, weight=3) if m.name == "n1" else m for m in config.roster)
+    nodes["n2"] = Node(replace(config, roster=roster), nodes["n2"].key)
     net = Net(nodes)
     net.run(0.5)
     net.cores["n2"].set_held(frozenset({1}), now=net.now)
@@ -210,6 +215,73 @@ def test_config_mismatch_is_reported_and_held_sets_ignored() -> None:
     assert len(mismatches) == 1 and mismatches[0].name == "n2"
     assert net.cores["n1"].peers["n2"].config_ok is False
     assert net.cores["n1"].holders(1) == frozenset()
+
+
+def _with_pool(node: Node, names: list[str]) -> Node:
+    pool = tuple(
+        PoolGroup(n, "eth0", (ipaddress.ip_interface(f"203.0.113.{10 + i}/32"),))
+        for i, n in enumerate(names)
+    )
+    return Node(replace(node.config, pool=tuple(sorted(pool, key=lambda g: g.name))), node.key)
+
+
+def test_a_peer_on_another_pool_is_no_config_mismatch_and_readable_once_we_reload_too() -> None:
+    """A rolling pool reload: n2 reloaded first (www0 added). n1 reports the difference, stays
+    active, and cannot read n2's indices; after n1 reloads as well, and while n2 is still on
+    the old pool (the other way round), holdings are renumbered by name."""
+    nodes = make_cluster(2, groups=0)
+    old_names, new_names = ["www1", "www2", "www3"], ["www0", "www1", "www2", "www3"]
+    nodes = {"n1": _with_pool(nodes["n1"], new_names), "n2": _with_pool(nodes["n2"], old_names)}
+    net = Net(nodes)
+    net.run(0.5)
+    n1, n2 = net.cores["n1"], net.cores["n2"]
+    assert not n1.config_passive and not n2.config_passive
+    assert [e.name for e in net.of("n1", PoolDiffers)] == ["n2"]
+    n2.set_held(frozenset({2}), now=net.now)  # www3 in the old pool
+    net.run(0.2)
+    assert n1.holders_map() == {} and "n2" not in n1.observable_peers()
+    # n1 goes back to the old pool: n2 is readable as is.
+    n1.reload_pool(replace(nodes["n1"].config, pool=nodes["n2"].config.pool))
+    assert n1.holders_map() == {2: frozenset({"n2"})}
+    # ...and forward again: www3 is index 3 in the new pool, read through the old one.
+    n1.set_held(frozenset({0}), now=net.now)  # www1 in the old pool
+    n1.reload_pool(nodes["n1"].config)
+    assert n1.held == frozenset({1})  # www1 renumbered
+    assert n1.holders_map() == {3: frozenset({"n2"})}
+    assert "n2" in n1.observable_peers()
+
+
+def test_a_newer_operator_table_is_adopted_by_every_member_and_drains_leave_the_view() -> None:
+    net = Net(make_cluster(3))
+    net.run(0.5)
+    table = Overrides().with_drain("n2", True, by="n3")
+    assert net.cores["n3"].set_overrides(table)
+    assert not net.cores["n3"].set_overrides(table)  # not newer: ignored
+    net.run(0.2)
+    for core in net.cores.values():
+        assert core.overrides == table
+        assert core.view.members == ("n1", "n3")
+    assert net.cores["n2"].flags & Flag.DRAINING
+    adopted = net.of("n1", OverridesAdopted)
+    assert [(e.version, e.issuer, e.source) for e in adopted] == [(1, "n3", "n3")]
+    # The view digest covers the table: agreement means the same moves and drains.
+    moved = net.cores["n1"].overrides.with_move("www1", "n2", by="n1")
+    before = net.cores["n1"].view.digest
+    net.cores["n1"].set_overrides(moved)
+    assert net.cores["n1"].view.digest != before
+    net.run(0.2)
+    assert all(core.view_agreed() for core in net.cores.values())
+    # An older table (a node back from the dead with its persisted one) changes nothing.
+    assert not net.cores["n2"].set_overrides(table)
+
+
+def test_every_member_drained_still_places_them_all() -> None:
+    net = Net(make_cluster(2))
+    net.run(0.5)
+    table = Overrides().with_drain("n1", True, by="n1").with_drain("n2", True, by="n1")
+    net.cores["n1"].set_overrides(table)
+    net.run(0.2)
+    assert net.cores["n2"].view.members == ("n1", "n2")
 
 
 def test_view_changes_are_reported_once_per_change() -> None:

@@ -14,7 +14,8 @@ from vipd.keys import public_key_bytes
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore
 from vipd.membership.events import PacketRejected
-from vipd.membership.wire import Flag, Heartbeat, Override, Stats
+from vipd.membership.wire import Flag, Heartbeat, Stats
+from vipd.overrides import Move, Overrides
 
 
 def heartbeat(**overrides: object) -> Heartbeat:
@@ -49,9 +50,10 @@ def roundtrip(hb: Heartbeat) -> Heartbeat:
 def test_round_trip_keeps_every_field() -> None:
     hb = heartbeat(
         stats=Stats(load_milli=1500, cpu_idle_permille=800, ncpu=4, mem_total=8 << 30),
-        overrides=(Override(group=3, target="n1", version=9),),
+        overrides=Overrides(9, "n3", (Move("www-a", "n1"), Move("www-b", "n2", "reload")), ("n3",)),
         flags=Flag.READY | Flag.DRAINING,
         released=frozenset({1, 2}),
+        pool_digest=b"P" * 8,
     )
     assert roundtrip(hb) == hb
 
@@ -97,13 +99,16 @@ def test_full_pool_of_4096_groups_fits_one_datagram() -> None:
         group_count=4096,
         held=frozenset(range(4096)),
         stats=Stats(),
-        overrides=tuple(Override(i, "t" * 20, i) for i in 8 * [0]),
+        overrides=Overrides(
+            1, "n" * 10, tuple(Move(f"group-{i:04d}", "n" * 10) for i in range(10)), ("n" * 10,)
+        ),
+        pool_digest=b"P" * 8,
     )
     assert len(wire.encode(hb, KEY, PUB)) <= wire.MAX_DATAGRAM
 
 
 def test_encoder_refuses_to_exceed_the_datagram_limit() -> None:
-    too_many = tuple(Override(i, "t" * 63, i) for i in range(40))
+    too_many = Overrides(1, "n1", tuple(Move(f"{i:063d}", "t" * 63) for i in range(40)))
     with pytest.raises(ValueError, match="exceeds"):
         wire.encode(heartbeat(group_count=4096, overrides=too_many), KEY, PUB)
 

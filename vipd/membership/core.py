@@ -33,12 +33,15 @@ from vipd.membership.events import (
     MemberLost,
     MemberRestarted,
     MemberStateChanged,
+    OverridesAdopted,
     PacketRejected,
+    PoolDiffers,
     SelfDisrupted,
     ViewChanged,
 )
 from vipd.membership.states import MONITORED, MemberState, Signal, next_state
 from vipd.membership.wire import DecodeError, Flag, Heartbeat, Reject, Stats
+from vipd.overrides import Overrides
 
 #: How many heartbeats a leaving node sends at once: one lost datagram must not hide it.
 LEAVE_BURST = 3
@@ -62,8 +65,10 @@ class Peer:
     view_digest: bytes = b""
     config_digest: bytes = b""
     config_ok: bool = True
+    # As advertised: indices into the pool named by `pool_digest` (see `_advertised`).
     held: frozenset[int] = frozenset()
     released: frozenset[int] = frozenset()  # groups it says it let go of lately
+    pool_digest: bytes | None = None
     stats: Stats | None = None
     skew: float = 0.0
     skew_warned: bool = False
@@ -105,6 +110,11 @@ class MembershipCore:
         self._rng = rng
         self._config_digest = config.digest
         self._group_count = len(config.pool)
+        self._pool_digest = config.pool_digest
+        # Pools whose indices we can read: ours (identity) and, after a pool reload, the one
+        # before it (its index -> ours, None for a group it no longer has).
+        self._pools: dict[bytes, tuple[int | None, ...] | None] = {self._pool_digest: None}
+        self.overrides = Overrides()
         me = config.member(config.node)
         self.weight = me.weight if me is not None else 1
         self.peers: dict[str, Peer] = {
@@ -116,7 +126,6 @@ class MembershipCore:
         self.ready = False
         self.mature = False
         self.leaving = False
-        self.draining = False
         self.holddown_until: float | None = None
         self._disruptions: deque[float] = deque()
         self._isolated = False  # every peer we had was lost: we may be the one cut off
@@ -197,7 +206,7 @@ class MembershipCore:
     def _apply(self, peer: Peer, hb: Heartbeat, *, now: float, wall: float) -> None:
         # Almost every heartbeat changes nothing the view depends on: the O(N) view rebuild
         # runs only when this peer's part of it, or our own hold-down, changed.
-        view_inputs = (_view_entry(peer), self.holddown_until is None)
+        view_inputs: tuple[object, ...] | None = (_view_entry(peer), self.holddown_until is None)
         if peer.incarnation and hb.incarnation > peer.incarnation and peer.state in MONITORED:
             self._events.append(MemberRestarted(peer.name, peer.incarnation, hb.incarnation))
         if self._isolated and peer.state == MemberState.DEAD:
@@ -225,13 +234,20 @@ class MembershipCore:
             )
         peer.config_ok = config_ok
         peer.config_digest = hb.config_digest
-        # Group indices only mean the same thing when the pools are identical.
-        same_pool = config_ok and hb.group_count == self._group_count
-        held = hb.held if same_pool else frozenset()
-        released = hb.released if same_pool else frozenset()
-        if held != peer.held or released != peer.released:
-            peer.held, peer.released = held, released
+        if hb.pool_digest != peer.pool_digest and hb.pool_digest != self._pool_digest:
+            self._events.append(
+                PoolDiffers(
+                    peer.name, (hb.pool_digest or b"").hex() or "-", self._pool_digest.hex()
+                )
+            )
+        held = hb.held if config_ok else frozenset()
+        released = hb.released if config_ok else frozenset()
+        if (held, released, hb.pool_digest) != (peer.held, peer.released, peer.pool_digest):
+            peer.held, peer.released, peer.pool_digest = held, released, hb.pool_digest
             self._holders_version += 1
+        if config_ok and hb.overrides.newer_than(self.overrides):
+            self._adopt(hb.overrides, peer.name)
+            view_inputs = None  # drains may have changed: rebuild the view
         if not self.mature and hb.flags & Flag.READY:
             # Joining a running cluster: someone is already serving, no reason to wait.
             self._become_mature("heard a ready member")
@@ -244,7 +260,7 @@ class MembershipCore:
             signal = Signal.HEARD_JOINING
         self._transition(peer, signal)
         self._maybe_ready_early(now)
-        if (_view_entry(peer), self.holddown_until is None) != view_inputs:
+        if view_inputs is None or (_view_entry(peer), self.holddown_until is None) != view_inputs:
             self._update_view()
 
     def handle_timer(self, *, now: float) -> None:
@@ -298,10 +314,57 @@ class MembershipCore:
             self.held = groups
             self._pending_burst = max(self._pending_burst, 1)
 
+    def set_overrides(self, table: Overrides, source: str = "local") -> bool:
+        """A new operator table made here (vipctl) or loaded from disk; kept only if newer
+        than ours. Sent at once, and with every heartbeat after."""
+        if not table.newer_than(self.overrides):
+            return False
+        self._adopt(table, source)
+        self._update_view()
+        return True
+
+    def _adopt(self, table: Overrides, source: str) -> None:
+        self.overrides = table
+        self._pending_burst = max(self._pending_burst, 1)
+        self._events.append(
+            OverridesAdopted(table.version, table.issuer, source, len(table.moves), table.drained)
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self.name in self.overrides.drained
+
+    def reload_pool(self, config: Config) -> None:
+        """A reload changed the pool (and maybe what `rekey` takes). Group indices are
+        renumbered by name: what we hold and let go of keeps its meaning, and peers still on
+        the old pool stay readable until they reload too."""
+        if config.digest != self._config_digest or config.node != self.name:
+            raise ValueError("reload_pool with a config that changes the cluster or roster")
+        new_index = {g.name: i for i, g in enumerate(config.pool)}
+        old_to_new = tuple(new_index.get(g.name) for g in self.config.pool)
+
+        def renumber(indices: frozenset[int]) -> frozenset[int]:
+            return frozenset(j for i in indices if (j := old_to_new[i]) is not None)
+
+        self.held = renumber(self.held)
+        self._released = {
+            j: when for i, when in self._released.items() if (j := old_to_new[i]) is not None
+        }
+        self._pools = {self._pool_digest: old_to_new, config.pool_digest: None}
+        self._pool_digest = config.pool_digest
+        self._group_count = len(config.pool)
+        self.config = config
+        self._holders_version += 1
+        self._pending_burst = max(self._pending_burst, 1)
+
     def rekey(self, config: Config, key: Ed25519PrivateKey, public_key: bytes) -> None:
         """A reload changed keys only (`vipd.reload`): peers' accepted public keys, and the
         key we sign with. Everything else, including the config digest, is unchanged."""
-        if config.digest != self._config_digest or config.node != self.name:
+        if (config.digest, config.pool_digest, config.node) != (
+            self._config_digest,
+            self._pool_digest,
+            self.name,
+        ):
             raise ValueError("rekey with a config that changes more than keys")
         self.config = config
         self._key, self._public_key = key, public_key
@@ -386,10 +449,11 @@ class MembershipCore:
             held: dict[int, set[str]] = {}
             released: dict[int, set[str]] = {}
             for p in self.peers.values():
-                if p.state in (*MONITORED, MemberState.LEFT):
-                    for g in p.held:
+                if p.state in (*MONITORED, MemberState.LEFT) and p.pool_digest in self._pools:
+                    index = self._pools[p.pool_digest]
+                    for g in p.held if index is None else _renumber(p.held, index):
                         held.setdefault(g, set()).add(p.name)
-                    for g in p.released:
+                    for g in p.released if index is None else _renumber(p.released, index):
                         released.setdefault(g, set()).add(p.name)
             self._holders_cache = (
                 self._holders_version,
@@ -440,18 +504,26 @@ class MembershipCore:
         return winner != self._config_digest
 
     def observable_peers(self) -> frozenset[str]:
-        """Peers whose advertised holdings we can read (heard, and same pool)."""
+        """Peers whose advertised holdings we can read (heard, same roster, and a pool we
+        know: ours, or the one before our last reload)."""
         return frozenset(
             p.name
             for p in self.peers.values()
-            if p.state in (*MONITORED, MemberState.LEFT) and p.config_ok
+            if p.state in (*MONITORED, MemberState.LEFT)
+            and p.config_ok
+            and p.pool_digest in self._pools
         )
 
     # --- internals -----------------------------------------------------------------------
 
     def _heartbeat(self, wall: float) -> bytes:
         self._seq += 1
-        hb = Heartbeat(
+        released = sorted(self._released, key=self._released.__getitem__)[-wire.MAX_RELEASED :]
+        hb = self._message(wall, frozenset(released), self.overrides)
+        return wire.encode(hb, self._key, self._public_key)
+
+    def _message(self, wall: float, released: frozenset[int], table: Overrides) -> Heartbeat:
+        return Heartbeat(
             cluster=self.config.cluster,
             sender=self.name,
             incarnation=self.incarnation,
@@ -462,12 +534,21 @@ class MembershipCore:
             config_digest=self._config_digest,
             group_count=self._group_count,
             held=self.held,
-            released=frozenset(
-                sorted(self._released, key=self._released.__getitem__)[-wire.MAX_RELEASED :]
-            ),
+            released=released,
             stats=self.stats,
+            overrides=table,
+            pool_digest=self._pool_digest,
         )
-        return wire.encode(hb, self._key, self._public_key)
+
+    def table_fits(self, table: Overrides) -> bool:
+        """Whether heartbeats can carry `table` whatever else they carry (the longest
+        RELEASED list included): an operator command that would not fit is refused."""
+        worst = frozenset(range(min(self._group_count, wire.MAX_RELEASED)))
+        try:
+            wire.encode(self._message(0.0, worst, table), self._key, self._public_key)
+        except ValueError:
+            return False
+        return True
 
     def _transition(self, peer: Peer, signal: Signal) -> None:
         old = peer.state
@@ -522,17 +603,28 @@ class MembershipCore:
         # joiner's groups stay with their holders until it can take them (make-before-break).
         # Members in hold-down are placed only if nobody else can be: a flapping node must not
         # drag addresses around, but nor may hold-down ever leave the pool unserved.
+        # Drained members (the operator table) likewise: placed only if every member is.
         entries: list[tuple[str, int, int]] = []
         held_down: list[tuple[str, int, int]] = []
-        if not self.leaving and not self.draining:
+        drained: list[tuple[str, int, int]] = []
+        drained_names = self.overrides.drained
+        if not self.leaving:
             me = (self.name, self.incarnation, self.weight)
-            (held_down if self.holddown_until is not None else entries).append(me)
+            if self.name in drained_names:
+                drained.append(me)
+            else:
+                (held_down if self.holddown_until is not None else entries).append(me)
         for p in self.peers.values():
-            if p.state in MONITORED and p.config_ok and not p.flags & Flag.DRAINING:
+            if p.state in MONITORED and p.config_ok:
                 entry = (p.name, p.incarnation, p.weight)
-                (held_down if p.flags & Flag.HOLDDOWN else entries).append(entry)
-        entries = sorted(entries or held_down)
-        h = hashlib.sha256(b"vipd-view-v1\0")
+                if p.name in drained_names:
+                    drained.append(entry)
+                else:
+                    (held_down if p.flags & Flag.HOLDDOWN else entries).append(entry)
+        entries = sorted(entries or held_down or drained)
+        # The table is part of the view: "every member advertises our view digest" then
+        # also means every member places with the same moves and drains.
+        h = hashlib.sha256(b"vipd-view-v2\0" + self.overrides.digest)
         for name, inc, _ in entries:
             h.update(f"{name}:{inc}\n".encode())
         view = View(
@@ -549,7 +641,13 @@ class MembershipCore:
 
 def _view_entry(p: Peer) -> tuple[int, int, bool] | None:
     """What a peer contributes to the view (`MembershipCore._update_view`): None if it is
-    left out, else (incarnation, weight, in hold-down)."""
-    if p.state in MONITORED and p.config_ok and not p.flags & Flag.DRAINING:
+    left out, else (incarnation, weight, in hold-down). (Drains come from the operator
+    table, whose adoption rebuilds the view by itself.)"""
+    if p.state in MONITORED and p.config_ok:
         return (p.incarnation, p.weight, bool(p.flags & Flag.HOLDDOWN))
     return None
+
+
+def _renumber(indices: frozenset[int], index: tuple[int | None, ...]) -> frozenset[int]:
+    """A peer's indices in the pool we ran before our last reload, as indices into ours."""
+    return frozenset(j for i in indices if i < len(index) and (j := index[i]) is not None)

@@ -65,7 +65,7 @@ class PacketRejected:
 
 @dataclass(frozen=True)
 class ConfigMismatch:
-    """A member advertises a different digest of roster + pool than ours."""
+    """A member advertises a different digest of cluster + roster than ours."""
 
     name: str
     theirs: str
@@ -113,6 +113,29 @@ class ClockSkew:
     skew: float
 
 
+@dataclass(frozen=True)
+class PoolDiffers:
+    """A member runs another pool than ours (`ours` and `theirs` are pool digests): normal
+    for the seconds of a rolling reload; its holdings are readable only if its pool is the
+    one we ran before our last reload."""
+
+    name: str
+    theirs: str
+    ours: str
+
+
+@dataclass(frozen=True)
+class OverridesAdopted:
+    """The operator table (moves, drains) changed: `source` is "local" (a vipctl command
+    or a reload here), "state" (loaded at start) or the member whose heartbeat carried it."""
+
+    version: int
+    issuer: str
+    source: str
+    moves: int
+    drained: tuple[str, ...]
+
+
 Event = (
     MemberJoined
     | MemberRestarted
@@ -127,4 +150,6 @@ Event = (
     | BecameMature
     | SelfDisrupted
     | HolddownStarted
+    | PoolDiffers
+    | OverridesAdopted
 )

@@ -20,9 +20,11 @@ Layout (all integers big-endian)::
     ..     64    Ed25519 signature over DOMAIN + every byte before it
 
 Body TLVs (each at most once): VIEW_DIGEST (8 bytes), CONFIG_DIGEST (8 bytes), HELD (u16 group
-count + bitmap of held group indices), STATS (fixed struct), OVERRIDES (u16 count + entries),
-RELEASED (u16 count + u16 group indices, at most MAX_RELEASED: groups this node let go of
-lately, so their owner knows clients may still point here and announces them again).
+count + bitmap of held group indices), STATS (fixed struct), OVERRIDES (the operator's table,
+`vipd.overrides.Overrides.encode`), RELEASED (u16 count + u16 group indices, at most
+MAX_RELEASED: groups this node let go of lately, so their owner knows clients may still point
+here and announces them again), POOL_DIGEST (8 bytes: which pool the HELD and RELEASED
+indices refer to; a peer in the middle of a pool reload may run another one).
 New fields are new TLV types: older nodes skip them, so the format does not change.
 
 Decoding happens in two steps so a flood of junk is cheap: `parse_envelope` checks size and
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from vipd.overrides import Overrides, OverridesError
 
 MAGIC = b"VIPD"
 VERSION = 1
@@ -75,6 +79,7 @@ class TLV(enum.IntEnum):
     STATS = 4
     OVERRIDES = 5
     RELEASED = 6
+    POOL_DIGEST = 7
 
 
 class Reject(enum.StrEnum):
@@ -137,15 +142,6 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class Override:
-    """An operator's pinning of a group to a member, with a version (latest wins)."""
-
-    group: int
-    target: str
-    version: int
-
-
-@dataclass(frozen=True)
 class Heartbeat:
     cluster: str
     sender: str
@@ -158,8 +154,9 @@ class Heartbeat:
     group_count: int = 0
     held: frozenset[int] = frozenset()
     stats: Stats | None = None
-    overrides: tuple[Override, ...] = field(default_factory=tuple)
+    overrides: Overrides = field(default_factory=Overrides)
     released: frozenset[int] = frozenset()  # group indices released lately (< group_count)
+    pool_digest: bytes | None = None  # None: the sender did not say (unknown pool)
 
 
 @dataclass(frozen=True)
@@ -225,13 +222,10 @@ def encode(hb: Heartbeat, key: Ed25519PrivateKey, public_key: bytes) -> bytes:
             raise ValueError(f"released {sorted(hb.released)} out of range")
         indices = sorted(hb.released)
         body += _tlv(TLV.RELEASED, struct.pack(f"!H{len(indices)}H", len(indices), *indices))
-    if hb.overrides:
-        entries = b"".join(
-            struct.pack("!HIB", o.group, o.version, len(t)) + t
-            for o in hb.overrides
-            for t in [_name(o.target, "override target")]
-        )
-        body += _tlv(TLV.OVERRIDES, struct.pack("!H", len(hb.overrides)) + entries)
+    if hb.overrides.version:
+        body += _tlv(TLV.OVERRIDES, hb.overrides.encode())
+    if hb.pool_digest is not None:
+        body += _tlv(TLV.POOL_DIGEST, hb.pool_digest)
     cluster = _name(hb.cluster, "cluster")
     sender = _name(hb.sender, "sender")
     header = _HEADER.pack(
@@ -349,6 +343,7 @@ def decode_body(env: Envelope) -> Heartbeat:
     view = fixed(TLV.VIEW_DIGEST, DIGEST_LEN)
     config = fixed(TLV.CONFIG_DIGEST, DIGEST_LEN)
     stats_raw = fixed(TLV.STATS, _STATS.size)
+    pool = fixed(TLV.POOL_DIGEST, DIGEST_LEN)
     group_count, held = _parse_held(fields.get(TLV.HELD))
     overrides = _parse_overrides(fields.get(TLV.OVERRIDES))
     released = _parse_released(fields.get(TLV.RELEASED), group_count)
@@ -368,6 +363,7 @@ def decode_body(env: Envelope) -> Heartbeat:
         stats=Stats(*_STATS.unpack(stats_raw)) if stats_raw is not None else None,
         overrides=overrides,
         released=released,
+        pool_digest=pool,
     )
 
 
@@ -385,26 +381,16 @@ def _parse_held(value: bytes | None) -> tuple[int, frozenset[int]]:
     return count, held
 
 
-def _parse_overrides(value: bytes | None) -> tuple[Override, ...]:
+def _parse_overrides(value: bytes | None) -> Overrides:
     if value is None:
-        return ()
-    if len(value) < 2:
-        raise DecodeError(Reject.MALFORMED, "OVERRIDES too short")
-    (count,) = struct.unpack_from("!H", value)
-    pos = 2
-    out: list[Override] = []
-    for _ in range(count):
-        if pos + 7 > len(value):
-            raise DecodeError(Reject.MALFORMED, "OVERRIDES entry truncated")
-        group, version, tlen = struct.unpack_from("!HIB", value, pos)
-        pos += 7
-        if not 1 <= tlen <= MAX_NAME or pos + tlen > len(value) or group >= MAX_GROUPS:
-            raise DecodeError(Reject.MALFORMED, "OVERRIDES entry out of range")
-        out.append(Override(group, _text(value[pos : pos + tlen], "override target"), version))
-        pos += tlen
-    if pos != len(value):
-        raise DecodeError(Reject.MALFORMED, "OVERRIDES has trailing bytes")
-    return tuple(out)
+        return Overrides()
+    try:
+        table = Overrides.decode(value)
+    except OverridesError as e:
+        raise DecodeError(Reject.MALFORMED, f"OVERRIDES: {e}") from None
+    if table.version == 0:
+        raise DecodeError(Reject.MALFORMED, "OVERRIDES: an empty table is sent as no TLV")
+    return table
 
 
 def _parse_released(value: bytes | None, group_count: int) -> frozenset[int]:
