@@ -17,6 +17,11 @@ against the optimum, for three changes of one random roster:
 Everything else that moves is "extra". Each change is placed twice: with the roster
 (``assign(groups, live, roster)``, two-phase) and, for comparison, without it
 (``assign(groups, live)``: the balanced greedy over the live set alone).
+
+A third table counts pool edits (a reload adding or removing one group, whole roster live):
+the unchanged groups whose balanced placement changes. A reload pins exactly those where they
+are (`Controller.reload_pins`), so none of them moves; the table shows how many pins an edit
+costs. The first table also times `place` with 50 pins and 50 preferences (warm).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from vipd.assign import _homes, _name_hash, assign
+from vipd.assign import _homes, _name_hash, assign, place
 
 WeightFn = Callable[[random.Random], int]
 Placement = Mapping[str, str]
@@ -61,6 +66,32 @@ def time_warm(
         assign(groups, live, roster)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1000
+
+
+def time_overlay(groups: list[str], roster: dict[str, int], repeats: int) -> float:
+    """Median ms of `place` (warm) with 50 pins and 50 three-member preferences on top."""
+    rng = random.Random(7)
+    members = sorted(roster)
+    pins = {g: rng.choice(members) for g in rng.sample(groups, 50)}
+    prefer = {g: rng.sample(members, 3) for g in rng.sample(groups, 50)}
+    place(groups, roster, roster, pins=pins, prefer=prefer)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        place(groups, roster, roster, pins=pins, prefer=prefer)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
+def pool_edit_shifts(groups: list[str], roster: dict[str, int], extra: str) -> tuple[int, int]:
+    """Unchanged groups whose owner changes when `extra` is added, and when groups[0] goes."""
+    base = assign(groups, roster, roster)
+    added = assign([*groups, extra], roster, roster)
+    removed = assign(groups[1:], roster, roster)
+    return (
+        sum(1 for g in groups if added[g] != base[g]),
+        sum(1 for g in groups[1:] if removed[g] != base[g]),
+    )
 
 
 def time_cold(groups: list[str], roster: dict[str, int], repeats: int) -> float:
@@ -145,6 +176,7 @@ def main() -> int:
                     f"{time_warm(groups, roster, roster, args.repeats):.2f}",
                     f"{time_warm(groups, one_dead, roster, args.repeats):.2f}",
                     f"{time_warm(groups, eighth_dead, roster, args.repeats):.2f}",
+                    f"{time_overlay(groups, roster, args.repeats):.2f}",
                 )
             )
     print_table(
@@ -156,6 +188,7 @@ def main() -> int:
             "warm all live",
             "warm 1 dead",
             "warm 1/8 dead",
+            "warm +pins/prefs",
         ),
         rows,
     )
@@ -208,6 +241,26 @@ def main() -> int:
         ),
         rows,
     )
+
+    print()
+    print(f"pool edits: unchanged groups a reload pins in place, {args.trials} rosters per row")
+    rows = []
+    for n_groups, n_members in ((100, 8), (1000, 32), (1000, 256), (10000, 32)):
+        shifts = []
+        for _ in range(args.trials):
+            groups = names(rng, "g", n_groups)
+            roster = {m: 1 for m in names(rng, "n", n_members)}
+            shifts.append(pool_edit_shifts(groups, roster, f"new{rng.getrandbits(40):010x}"))
+        rows.append(
+            (
+                f"{n_groups}x{n_members}",
+                f"{statistics.mean(a for a, _ in shifts):.1f}",
+                str(max(a for a, _ in shifts)),
+                f"{statistics.mean(r for _, r in shifts):.1f}",
+                str(max(r for _, r in shifts)),
+            )
+        )
+    print_table(("case", "add: pins mean", "max", "remove: pins mean", "max"), rows)
     return 0
 
 

@@ -106,7 +106,7 @@ from heapq import heapify, heappop, heappush
 from math import lcm
 from typing import NamedTuple
 
-__all__ = ["assign", "quotas"]
+__all__ = ["assign", "place", "quotas"]
 
 _ONE = 1 << 64
 _MASK64 = _ONE - 1
@@ -379,3 +379,35 @@ def assign(
         full.setdefault(name, weight)
     gnames = tuple(sorted(groups))
     return _settle(gnames, _homes(gnames, tuple(sorted(full.items()))), members)
+
+
+def place(
+    groups: Sequence[str],
+    members: Mapping[str, int],
+    roster: Mapping[str, int] | None = None,
+    *,
+    pins: Mapping[str, str] | None = None,
+    prefer: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str]:
+    """`assign`, then the operator's pins and the pool's preferences on top.
+
+    pins: group -> member (`vipctl move`, reload pins); prefer: group -> members, first
+    choice first (Wackamole's Prefer). A group goes to its pinned member if that member is
+    in ``members``, else to its first preferred member that is, else where `assign` puts
+    it. Both are an overlay on the balanced placement of *every* group, so a pin or
+    preference appearing or lapsing (its member dies, is drained, comes back) moves only
+    that group; the price is that balance (I5) holds over the groups without one, and a
+    member receiving pinned or preferred groups holds them on top of its balanced share.
+    Names that are not groups or not members are ignored (a table made on another config).
+    """
+    placed = assign(groups, members, roster)
+    for group in placed:
+        target = pins.get(group) if pins else None
+        if target is not None and target in members:
+            placed[group] = target
+            continue
+        for choice in prefer.get(group, ()) if prefer else ():
+            if choice in members:
+                placed[group] = choice
+                break
+    return placed

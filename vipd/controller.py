@@ -31,10 +31,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vipd.assign import assign
+from vipd.assign import place
 from vipd.config import Config
-from vipd.membership.core import MembershipCore, View
+from vipd.membership.core import MembershipCore
 from vipd.membership.events import BecameReady, Event, MemberJoined, MemberLost, SelfDisrupted
+from vipd.overrides import Overrides
 from vipd.reconcile import HandoverOutcome, HandoverPolicy
 
 
@@ -49,14 +50,11 @@ class Decision:
 
 class Controller:
     def __init__(self, config: Config) -> None:
-        self.config = config
         self.node = config.node
-        self.groups = [g.name for g in config.pool]
-        self.index = {name: i for i, name in enumerate(self.groups)}
         self.roster_weights = {m.name: m.weight for m in config.roster}
         self.tiebreaker = min(self.roster_weights)
         self.policy = HandoverPolicy(config.node, config.timing.handover_timeout)
-        self._owners_cache: tuple[tuple[tuple[str, int], ...], dict[str, str | None]] | None = None
+        self._owners_cache: tuple[tuple[object, ...], dict[str, str | None]] | None = None
         self._view_seen: tuple[bytes, float] | None = None
         self._passive_since: float | None = None
         self._contested: frozenset[str] = frozenset()
@@ -72,6 +70,37 @@ class Controller:
         # and ones a peer newly says it let go of.
         self._to_announce: frozenset[str] = frozenset()
         self._next_deadline: float | None = None
+        self.use_pool(config)
+
+    def use_pool(self, config: Config) -> None:
+        """Take a (re)loaded config's pool: groups are known by name, so what we knew of a
+        group the new pool keeps stays; what we knew of a removed group is dropped."""
+        self.config = config
+        self.groups = [g.name for g in config.pool]
+        self.index = {name: i for i, name in enumerate(self.groups)}
+        self.prefer = {g.name: g.prefer for g in config.pool if g.prefer}
+        self._owners_cache = None
+        names = frozenset(self.groups)
+        self._served &= names
+        self._contested &= names
+        self._overlapped &= names
+        self._handing &= names
+        self._owned &= names
+        self._let_go &= names
+        self._to_announce &= names
+
+    def reload_pins(self, old: Controller, core: MembershipCore) -> dict[str, str]:
+        """Groups a pool reload would move although they did not change: placement balances
+        over the whole pool, so adding or removing one group can shift others (no pure
+        balanced placement can avoid it). They are pinned where they are instead (reason
+        "reload" in the operator table); `vipctl rebalance` lets them go."""
+        before, after = old.owners(core), self.owners(core)
+        unchanged = set(old.config.pool) & set(self.config.pool)
+        return {
+            g.name: owner
+            for g in unchanged
+            if (owner := before.get(g.name)) is not None and after.get(g.name) != owner
+        }
 
     def observe(self, event: Event, now: float) -> None:
         if isinstance(event, MemberJoined | SelfDisrupted):
@@ -86,14 +115,18 @@ class Controller:
         elif isinstance(event, BecameReady):
             self._ready_at = now
 
-    def owners(self, view: View) -> dict[str, str | None]:
-        key = tuple(zip(view.members, view.weights, strict=True))
+    def owners(self, core: MembershipCore) -> dict[str, str | None]:
+        """Placement over the core's view with its operator table (moves, drains)."""
+        view, table = core.view, core.overrides
+        key = (view.members, view.weights, table.version, table.issuer)
         if self._owners_cache is None or self._owners_cache[0] != key:
-            self._owners_cache = (key, self._place(dict(key)))
+            self._owners_cache = (key, self._place(view.as_weights(), table))
         return self._owners_cache[1]
 
-    def _place(self, members: dict[str, int]) -> dict[str, str | None]:
-        placed = assign(self.groups, members, roster=self.roster_weights)
+    def _place(self, members: dict[str, int], table: Overrides) -> dict[str, str | None]:
+        placed = place(
+            self.groups, members, self.roster_weights, pins=table.pins(), prefer=self.prefer
+        )
         return {g: placed.get(g) for g in self.groups}
 
     def effective_owners(
@@ -116,7 +149,7 @@ class Controller:
           was lost and is back), or if we have been ready for startup_wait already (we are
           not starting along with its owner). Not otherwise: at a cold start every node is
           about to be ready and the pool must be split once."""
-        owners = self.owners(core.view)
+        owners = self.owners(core)
         ready = core.ready_members()
         if len(ready) == len(core.view.members) or not ready:
             return owners
@@ -140,9 +173,14 @@ class Controller:
         ]
         if orphans:
             weights = core.view.as_weights()
-            placed = self._place({m: weights[m] for m in ready})
+            placed = self._place({m: weights[m] for m in ready}, core.overrides)
             interim.update({g: placed[g] for g in orphans})
         return {**owners, **interim} if interim else owners
+
+    @property
+    def owned(self) -> frozenset[str]:
+        """Groups the last decision holds (or claims) that placement gives to us."""
+        return self._owned
 
     def has_quorum(self, connected: frozenset[str]) -> bool:
         """Partition policy over the members we can hear (placed or not: a member in

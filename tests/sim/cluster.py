@@ -55,8 +55,6 @@ class ClusterSpec:
     policy: str = "all"
     #: Roster weights by node index (missing: 1). Empty: equal weights (I5 applies).
     weights: tuple[tuple[int, int], ...] = ()
-    #: Extra groups in the pool (a "different pool" for config-mismatch scenarios).
-    extra_groups: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -69,7 +67,7 @@ class ClusterSpec:
     def config(self, name: str) -> Config:
         """The config of node `name` (cached: the base is parsed once per spec)."""
         return replace(
-            _base_config(self.nodes, self.groups, self.weights, self.extra_groups),
+            _base_config(self.nodes, self.groups, self.weights),
             node=name,
             timing=self.timing,
             partition_policy=self.policy,
@@ -77,9 +75,7 @@ class ClusterSpec:
 
 
 @lru_cache(maxsize=64)
-def _base_config(
-    nodes: int, groups: int, weights: tuple[tuple[int, int], ...], extra_groups: int
-) -> Config:
+def _base_config(nodes: int, groups: int, weights: tuple[tuple[int, int], ...]) -> Config:
     weight_of = dict(weights)
     names = [node_name(i) for i in range(1, nodes + 1)]
     data = {
@@ -99,7 +95,7 @@ def _base_config(
                 "interface": "eth0",
                 "addresses": [f"2001:db8::{i + 1:x}/128"],
             }
-            for i in range(groups + extra_groups)
+            for i in range(groups)
         ],
         "control": {"socket": "/nonexistent/sim.sock"},
     }

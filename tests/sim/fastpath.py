@@ -18,9 +18,10 @@ hash update per member). At 256 nodes one heartbeat round is 65,280 receptions, 
   peer's record and our own hold-down can change, it compares just those two against the
   inputs of the last full computation and reuses its view if they are unchanged: O(1)
   instead of O(N) per datagram.
-- `vipd.controller.assign`: memoised across all simulated nodes on (groups, members, roster);
-  placement is a pure, deterministic function of those (I4), and the 256 controllers compute
-  the same views (about 10 ms each at 1,000 groups while the cluster forms).
+- `vipd.assign.assign` (which `vipd.assign.place` calls): memoised across all simulated
+  nodes on (groups, members, roster); placement is a pure, deterministic function of those
+  (I4), and the 256 controllers compute the same views (about 10 ms each at 1,000 groups
+  while the cluster forms).
 
 `test_fastpath_is_equivalent` runs seeded schedules with and without it and requires the
 traces to be identical line for line. Every other simulator run uses the real code only.
@@ -34,15 +35,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from vipd import controller as controller_module
+from vipd import assign as assign_module
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore, Peer, View
 from vipd.membership.events import ViewChanged
 from vipd.membership.states import MONITORED
 
-_DRAINING = int(wire.Flag.DRAINING)
 _HOLDDOWN = int(wire.Flag.HOLDDOWN)
-_MASK = _DRAINING | _HOLDDOWN
 _ORIGINAL_APPLY = MembershipCore._apply
 
 
@@ -54,35 +53,51 @@ class _ViewCache:
     peers: dict[str, tuple[object, ...]]  # each peer's fields the view depends on
     placed: dict[str, tuple[str, int, int]]  # name -> (name, incarnation, weight), not held down
     held_down: dict[str, tuple[str, int, int]]  # the same for members in hold-down
+    drained: dict[str, tuple[str, int, int]]  # the same for members the operator drained
     chosen: tuple[tuple[str, int, int], ...]  # sorted entries the view was built from
     view: View
 
 
 def _self_key(core: MembershipCore) -> tuple[object, ...]:
-    return (core.leaving, core.draining, core.holddown_until is None, core.incarnation, core.weight)
+    # The operator table decides drains for everyone: a new table means a full rebuild.
+    return (
+        core.leaving,
+        core.overrides.digest,
+        core.holddown_until is None,
+        core.incarnation,
+        core.weight,
+    )
 
 
 def _peer_key(p: Peer) -> tuple[object, ...]:
-    return (p.state in MONITORED and p.config_ok, int(p.flags) & _MASK, p.incarnation, p.weight)
+    return (p.state in MONITORED and p.config_ok, int(p.flags) & _HOLDDOWN, p.incarnation, p.weight)
 
 
-def _place(cache: _ViewCache, p: Peer, key: tuple[object, ...]) -> None:
+def _place(cache: _ViewCache, p: Peer, key: tuple[object, ...], drained: bool) -> None:
     cache.peers[p.name] = key
     cache.placed.pop(p.name, None)
     cache.held_down.pop(p.name, None)
+    cache.drained.pop(p.name, None)
     eligible, flags = key[0], int(key[1])  # type: ignore[call-overload]
-    if eligible and not flags & _DRAINING:
+    if eligible:
         entry = (p.name, p.incarnation, p.weight)
-        (cache.held_down if flags & _HOLDDOWN else cache.placed)[p.name] = entry
+        if drained:
+            cache.drained[p.name] = entry
+        else:
+            (cache.held_down if flags & _HOLDDOWN else cache.placed)[p.name] = entry
 
 
 def _full(self: MembershipCore) -> _ViewCache:
-    cache = _ViewCache(_self_key(self), {}, {}, {}, (), View())
-    if not self.leaving and not self.draining:
+    cache = _ViewCache(_self_key(self), {}, {}, {}, {}, (), View())
+    drained = self.overrides.drained
+    if not self.leaving:
         me = (self.name, self.incarnation, self.weight)
-        (cache.held_down if self.holddown_until is not None else cache.placed)[self.name] = me
+        if self.name in drained:
+            cache.drained[self.name] = me
+        else:
+            (cache.held_down if self.holddown_until is not None else cache.placed)[self.name] = me
     for p in self.peers.values():
-        _place(cache, p, _peer_key(p))
+        _place(cache, p, _peer_key(p), p.name in drained)
     return cache
 
 
@@ -98,10 +113,10 @@ def _update_view(self: MembershipCore) -> None:
             self.view = old.view  # the original would build an equal view: no event
             return
         cache = old
-        _place(cache, sender, key)
+        _place(cache, sender, key, sender.name in self.overrides.drained)
     else:
         cache = _full(self)
-    chosen = tuple(sorted((cache.placed or cache.held_down).values()))
+    chosen = tuple(sorted((cache.placed or cache.held_down or cache.drained).values()))
     if old is not None and old.chosen == chosen:
         view = old.view
     else:
@@ -109,7 +124,9 @@ def _update_view(self: MembershipCore) -> None:
         view = View(
             members=tuple(e[0] for e in chosen),
             weights=tuple(e[2] for e in chosen),
-            digest=hashlib.sha256(b"vipd-view-v1\0" + blob).digest()[: wire.DIGEST_LEN],
+            digest=hashlib.sha256(b"vipd-view-v2\0" + self.overrides.digest + blob).digest()[
+                : wire.DIGEST_LEN
+            ],
         )
     cache.chosen, cache.view = chosen, view
     self._fast_view = cache  # type: ignore[attr-defined]
@@ -176,18 +193,18 @@ def fast_path(*, incremental_view: bool = True) -> Iterator[None]:
     ``incremental_view=False`` keeps the real `_update_view` and only memoises the three pure
     functions: what the bulk random sweep uses, so the membership code it checks is exactly
     the shipped code. The memo tables live as long as the block: one block per seed."""
-    saved_assign = controller_module.__dict__["assign"]
+    saved_assign = assign_module.__dict__["assign"]
     saved = (wire.verify, wire.decode_body, MembershipCore._update_view, MembershipCore._apply)
     wire.verify = _memo(wire.verify, lambda env, keys: (env.signed, env.signature, tuple(keys)))
     wire.decode_body = _memo(wire.decode_body, lambda env: (env.signed, env.signature))
     if incremental_view:
         MembershipCore._update_view = _update_view  # type: ignore[method-assign]
         MembershipCore._apply = _apply  # type: ignore[method-assign]
-    controller_module.__dict__["assign"] = _memo_assign(saved_assign)
+    assign_module.__dict__["assign"] = _memo_assign(saved_assign)
     try:
         yield
     finally:
-        controller_module.__dict__["assign"] = saved_assign
+        assign_module.__dict__["assign"] = saved_assign
         wire.verify, wire.decode_body = saved[0], saved[1]
         MembershipCore._update_view = saved[2]  # type: ignore[method-assign]
         MembershipCore._apply = saved[3]  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from tests.sim import test_scenarios
 from tests.sim.cluster import ClusterSpec
 from tests.sim.harness import Run, formed
 from tests.sim.schedules import run_seed
-from vipd import controller as controller_module
+from vipd import assign as assign_module
 from vipd.assign import assign as real_assign
 from vipd.config import PROFILES
 from vipd.controller import Controller
@@ -66,8 +66,8 @@ def test_node_dependent_placement_is_caught(monkeypatch: pytest.MonkeyPatch) -> 
     """Bug: one node places the pool with its own hash salt (different order of members)."""
     real_owners = Controller.owners
 
-    def owners(self: Controller, view: object) -> dict[str, str | None]:
-        placed = real_owners(self, view)  # type: ignore[arg-type]
+    def owners(self: Controller, core: object) -> dict[str, str | None]:
+        placed = real_owners(self, core)  # type: ignore[arg-type]
         if self.node != "n02":
             return placed
         members = sorted({o for o in placed.values() if o})
@@ -101,7 +101,7 @@ def test_unbalanced_placement_is_caught(monkeypatch: pytest.MonkeyPatch) -> None
         first = min(members)
         return {g: first for g in real_assign(groups, members, roster=roster)}
 
-    monkeypatch.setattr(controller_module, "assign", assign)
+    monkeypatch.setattr(assign_module, "assign", assign)
     assert "I5" in _invariants(_unformed(3, 9))
 
 
@@ -113,7 +113,7 @@ def test_placement_without_roster_anchor_is_caught_by_i6(monkeypatch: pytest.Mon
     ) -> dict[str, str]:
         return real_assign(groups, members, roster=None)
 
-    monkeypatch.setattr(controller_module, "assign", assign)
+    monkeypatch.setattr(assign_module, "assign", assign)
     run = formed(6, 40)
     run.sim.leave("n03")
     run.settle()
@@ -141,9 +141,9 @@ def test_keeping_everything_after_a_heal_is_caught(monkeypatch: pytest.MonkeyPat
 
 
 def test_ignoring_the_config_mismatch_rule_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bug: a node with a different pool never yields (config_passive always False)."""
+    """Bug: a node with a different roster never yields (config_passive always False)."""
     monkeypatch.setattr(MembershipCore, "config_passive", property(lambda self: False))
-    odd = ClusterSpec(nodes=3, groups=6, extra_groups=1).config("n01")
+    odd = ClusterSpec(nodes=3, groups=6, weights=((1, 2),)).config("n01")
     run = formed(3, 6, configs={"n01": odd}, start=["n01"])
     run.sim.start("n02")
     run.run(0.5)

@@ -6,8 +6,6 @@ explicit assertions below, each one also fails on any I1-I6 or liveness violatio
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from tests.sim.cluster import ClusterSpec
@@ -230,7 +228,7 @@ def test_flapping_node_goes_into_holddown_and_stops_moving_addresses(policy: str
 
 def test_config_mismatch_late_node_is_passive_and_never_claims() -> None:
     spec = ClusterSpec(nodes=3, groups=6)
-    odd = replace(ClusterSpec(nodes=3, groups=6, extra_groups=1).config("n03"))
+    odd = ClusterSpec(nodes=3, groups=6, weights=((1, 2),)).config("n03")  # a roster typo
     run = formed(3, 6, configs={"n03": odd}, start=["n01", "n02"])
     run.sim.start("n03")
     run.settle()
@@ -244,7 +242,7 @@ def test_config_mismatch_late_node_is_passive_and_never_claims() -> None:
 def test_config_mismatch_first_node_yields_within_handover_timeout() -> None:
     """The odd node starts alone and serves everything; once two good nodes outnumber it, it
     releases after handover_timeout; the overlap never exceeds that bound."""
-    odd = ClusterSpec(nodes=3, groups=6, extra_groups=1).config("n01")
+    odd = ClusterSpec(nodes=3, groups=6, weights=((1, 2),)).config("n01")  # a roster typo
     run = formed(3, 6, configs={"n01": odd}, start=["n01"])
     assert run.held_by("n01") == run.all_groups()
     run.sim.start("n02")

@@ -10,6 +10,7 @@ from tests.unit.test_core import STEP, Net
 from vipd.controller import Controller
 from vipd.membership.events import HolddownStarted, SelfDisrupted
 from vipd.membership.wire import Flag
+from vipd.overrides import Overrides
 
 ALL6 = frozenset(f"www{i}" for i in range(1, 7))
 
@@ -81,7 +82,7 @@ def test_planned_claims_wait_for_view_agreement_failover_claims_do_not() -> None
     net.start("n3")
     net.run(0.2)
     assert "n3" in n1.view.members and not n1.view_agreed()
-    mine = {g for g, o in ctl.owners(n1.view).items() if o == "n1"}
+    mine = {g for g, o in ctl.owners(n1).items() if o == "n1"}
     waiting = ctl.decide(n1, frozenset(), net.now)
     assert waiting.hold == frozenset(), "planned claims must wait for agreement"
     deadline = ctl.next_deadline()
@@ -90,7 +91,7 @@ def test_planned_claims_wait_for_view_agreement_failover_claims_do_not() -> None
     net.run(n1.timing.dead_after)
     assert "n2" not in n1.view.members
     claimed = ctl.decide(n1, frozenset(), net.now)
-    assert claimed.hold == {g for g, o in ctl.owners(n1.view).items() if o == "n1"}
+    assert claimed.hold == {g for g, o in ctl.owners(n1).items() if o == "n1"}
     assert mine  # (n1 had groups to claim in the first place)
 
 
@@ -110,15 +111,15 @@ def test_planned_claims_go_ahead_after_settle_time_without_agreement() -> None:
     assert settle_at is not None
     net.now = settle_at  # n2 is still alive (within dead_after) but silent about the view
     later = ctl.decide(n1, frozenset(), net.now)
-    assert later.hold and later.hold <= {g for g, o in ctl.owners(n1.view).items() if o == "n1"}
+    assert later.hold and later.hold <= {g for g, o in ctl.owners(n1).items() if o == "n1"}
 
 
 def test_config_mismatch_loser_releases_and_never_claims() -> None:
     nodes = make_cluster(3, groups=6)
-    other = make_cluster(3, groups=7)
-    # n3 runs a different pool (a typo) with its own, valid key.
-    n3_config = replace(other["n3"].config, roster=nodes["n3"].config.roster)
-    nodes["n3"] = Node(n3_config, nodes["n3"].key)
+    # n3 runs a different roster (a typo in a weight) with its own, valid key.
+    config = nodes["n3"].config
+    roster = tuple(replace(m, weight=2) if m.name == "n1" else m for m in config.roster)
+    nodes["n3"] = Node(replace(config, roster=roster), nodes["n3"].key)
     net = Net(nodes)
     net.run(1.0)
     assert net.cores["n3"].config_passive and not net.cores["n1"].config_passive
@@ -171,8 +172,8 @@ def test_holddown_never_leaves_the_pool_unplaced() -> None:
 def _group_placed(ctl: Controller, before: tuple[str, ...], on: str, after_on: str) -> str:
     """A group placement gives to `on` over `before` and to `after_on` once `on` is gone."""
     weights = dict.fromkeys(before, 1)
-    first = ctl._place(weights)
-    then = ctl._place({m: w for m, w in weights.items() if m != on})
+    first = ctl._place(weights, Overrides())
+    then = ctl._place({m: w for m, w in weights.items() if m != on}, Overrides())
     return next(g for g in ctl.groups if first[g] == on and then[g] == after_on)
 
 
@@ -209,7 +210,7 @@ def test_a_held_group_that_becomes_ours_is_announced_again() -> None:
     net.run(1.0)
     ctl = Controller(net.nodes["n1"].config)
     group = _group_placed(ctl, ("n1", "n2", "n3"), "n3", "n1")
-    owned = {g for g, o in ctl.owners(net.cores["n1"].view).items() if o == "n1"}
+    owned = {g for g, o in ctl.owners(net.cores["n1"]).items() if o == "n1"}
     held = frozenset({group}) | owned
     first = ctl.decide(net.cores["n1"], held, net.now)
     assert group in first.hold and group not in first.announce  # kept while handing over
@@ -230,7 +231,7 @@ def test_the_owner_announces_a_group_a_peer_claimed_and_let_go_of_unseen() -> No
     net = Net(make_cluster(3, groups=12))
     net.run(1.0)
     ctl = Controller(net.nodes["n1"].config)
-    held = frozenset(g for g, o in ctl.owners(net.cores["n1"].view).items() if o == "n1")
+    held = frozenset(g for g, o in ctl.owners(net.cores["n1"]).items() if o == "n1")
     ctl.decide(net.cores["n1"], held, net.now)  # (the first decision announces what it holds)
     assert ctl.decide(net.cores["n1"], held, net.now).announce == ()
     group = min(held)

@@ -43,8 +43,8 @@ def test_key_changes_are_listed_and_keep_the_config_digest() -> None:
 @pytest.mark.parametrize(
     ("edit", "setting"),
     [
-        (lambda d: d["pool"].pop(), "pool"),
         (lambda d: d["timing"].update(profile="fast"), "timing"),
+        (lambda d: d["announce"].update(defend_interval=5), "announce"),
         (lambda d: d["roster"][1].update(weight=3), "roster (names, weights or addresses)"),
         (lambda d: d["cluster"].update(partition_policy="majority"), "partition_policy"),
     ],
@@ -53,6 +53,7 @@ def test_anything_else_is_refused_with_the_settings_named(edit: object, setting:
     nodes = make_cluster(2)
     keys = {n: x.key for n, x in nodes.items()}
     data = config_dict("n1", keys, 4)
+    data["announce"] = {}
     old = parse_config(data, Path("t.toml"))
     edit(data)  # type: ignore[operator]
     new = parse_config(data, Path("t.toml"))
@@ -60,6 +61,25 @@ def test_anything_else_is_refused_with_the_settings_named(edit: object, setting:
         reload_changes(old, new)
     assert setting in refused.value.settings
     assert "need a restart" in str(refused.value)
+
+
+def test_pool_and_hook_edits_are_taken_and_listed_by_group() -> None:
+    nodes = make_cluster(2)
+    keys = {n: x.key for n, x in nodes.items()}
+    data = config_dict("n1", keys, 4)
+    old = parse_config(data, Path("t.toml"))
+    data["pool"].pop(0)  # www1 removed
+    data["pool"][0]["addresses"].append("2001:db8::2/128")  # www2 changed
+    data["pool"].append({"name": "www9", "interface": "eth0", "addresses": ["203.0.113.99/32"]})
+    data["hooks"] = {"up": "/usr/local/sbin/vip-up"}
+    new = parse_config(data, Path("t.toml"))
+    assert new.digest == old.digest and new.pool_digest != old.pool_digest
+    assert reload_changes(old, new) == [
+        "pool: group www9 added",
+        "pool: group www1 removed",
+        "pool: group www2 changed",
+        "hooks changed",
+    ]
 
 
 def test_rotating_one_nodes_key_on_running_cores_changes_nothing_else() -> None:
