@@ -91,6 +91,35 @@ def test_unsolicited_na_fields() -> None:
     assert len(frame) == 14 + 40 + 24 + 8
 
 
+def test_unsolicited_na_router_flag() -> None:
+    frame = unsolicited_na(MAC, V6.ip, router=True)
+    pkt = Ether(frame)
+    assert pkt.dst == "33:33:00:00:00:01"
+    assert pkt[IPv6].hlim == 255
+    na = pkt[ICMPv6ND_NA]
+    assert (na.R, na.S, na.O) == (1, 0, 1)
+    assert na.tgt == "2001:db8:1::10"
+    assert pkt[ICMPv6NDOptDstLLAddr].lladdr == MAC_TEXT
+    sent_cksum = na.cksum
+    del na.cksum
+    assert Ether(bytes(pkt))[ICMPv6ND_NA].cksum == sent_cksum
+    # Only the flag (and so the checksum) differs from the default frame.
+    plain = unsolicited_na(MAC, V6.ip)
+    assert Ether(plain)[ICMPv6ND_NA].R == 0
+    differ = {i for i, (a, b) in enumerate(zip(frame, plain, strict=True)) if a != b}
+    assert 58 in differ and differ <= {56, 57, 58}  # flags byte and the checksum
+    assert frame[58] == plain[58] | 0x80  # R is the top bit of the flags
+
+
+def test_announcement_frames_router_flag() -> None:
+    (v6,) = announcement_frames(MAC, V6, router=True)
+    assert Ether(v6)[ICMPv6ND_NA].R == 1
+    (v6_plain,) = announcement_frames(MAC, V6)
+    assert Ether(v6_plain)[ICMPv6ND_NA].R == 0
+    # IPv4 has no such flag: the same frames either way.
+    assert announcement_frames(MAC, V4, router=True) == announcement_frames(MAC, V4)
+
+
 def test_announcement_frames_per_family() -> None:
     v4 = announcement_frames(MAC, V4)
     assert [Ether(f)[ARP].op for f in v4] == [1, 2]
@@ -174,6 +203,7 @@ class Harness:
         loop: asyncio.AbstractEventLoop,
         schedule: tuple[float, ...],
         lookup: Callable[[str], bytes | Awaitable[bytes]] | None = None,
+        **options: Any,
     ) -> None:
         self.sent: list[tuple[str, bytes]] = []
         self.senders: dict[str, RecordingSender] = {}
@@ -184,7 +214,7 @@ class Harness:
             return MAC
 
         self.announcer = RawAnnouncer(
-            loop, lookup or default_lookup, schedule, sender_factory=self._factory
+            loop, lookup or default_lookup, schedule, sender_factory=self._factory, **options
         )
 
     def _factory(self, interface: str) -> RecordingSender:
@@ -310,14 +340,127 @@ async def test_schedule_validation_and_after_close() -> None:
     assert h.sent == []
 
 
+@in_loop
+async def test_na_router_flag_in_announced_frames() -> None:
+    loop = asyncio.get_running_loop()
+    for router in (False, True):
+        h = Harness(loop, (0.0,), na_router=router)
+        h.announcer.announce("eth0", V6)
+        (frame,) = [f for _, f in h.sent]
+        na = Ether(frame)[ICMPv6ND_NA]
+        flags = (na.R, na.S, na.O)
+        assert flags == (int(router), 0, 1)
+        h.announcer.close()
+
+
+# -- announce_once ----------------------------------------------------------------------------
+
+
+@in_loop
+async def test_announce_once_sends_one_burst_and_schedules_nothing() -> None:
+    h = Harness(asyncio.get_running_loop(), (0.0, 0.02, 0.04))
+    h.announcer.announce_once("eth0", V4)
+    assert [Ether(f)[ARP].op for _, f in h.sent] == [1, 2]  # the offset-0 frames, at once
+    assert h.announcer.frames_sent[V4] == 2
+    assert not h.announcer.pending
+    await advance(0.1)
+    assert h.announcer.frames_sent[V4] == 2  # no repeats
+    h.announcer.announce_once("eth0", V4)
+    assert h.announcer.frames_sent[V4] == 4
+    assert h.lookups == ["eth0"]  # the cached MAC is shared with the schedule path
+    h.announcer.close()
+
+
+@in_loop
+async def test_announce_once_leaves_running_schedule_alone() -> None:
+    h = Harness(asyncio.get_running_loop(), (0.0, 0.05, 0.1))
+    h.announcer.announce("eth0", V4)
+    await advance(0.03)
+    h.announcer.announce_once("eth0", V4)
+    assert h.announcer.frames_sent[V4] == 2 * 2
+    assert V4 in h.announcer.pending  # not cancelled
+    await advance(0.019)  # t = 0.049: a restarted schedule would have its repeat at 0.08
+    assert h.announcer.frames_sent[V4] == 2 * 2
+    await advance(0.002)  # t = 0.051: the original repeat at 0.05 fired on time
+    assert h.announcer.frames_sent[V4] == 3 * 2
+    await advance(0.1)
+    assert h.announcer.frames_sent[V4] == 4 * 2  # 0, once, 0.05, 0.1: nothing more
+    assert not h.announcer.pending
+    h.announcer.close()
+
+
+@in_loop
+async def test_announce_once_waits_for_shared_lookup_and_cancel_stops_it() -> None:
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    async def lookup(interface: str) -> bytes:
+        calls.append(interface)
+        await gate.wait()
+        return MAC
+
+    h = Harness(asyncio.get_running_loop(), (0.0, 0.05), lookup)
+    h.announcer.announce("eth0", V4)
+    h.announcer.announce_once("eth0", V6)
+    h.announcer.announce_once("eth0", ipaddress.IPv6Interface("2001:db8:1::11/128"))
+    h.announcer.cancel(ipaddress.IPv6Interface("2001:db8:1::11/128"))  # released meanwhile
+    assert h.sent == []
+    gate.set()
+    await advance(0.01)
+    assert calls == ["eth0"]  # one lookup for the schedule and the one-shots
+    assert h.announcer.frames_sent == {V4: 2, V6: 1}
+    assert h.announcer.pending == frozenset({V4})  # the one-shot is not a schedule
+    await advance(0.1)
+    assert h.announcer.frames_sent == {V4: 4, V6: 1}
+    h.announcer.close()
+
+
+@in_loop
+async def test_announce_once_follows_recreated_interface_without_restarting() -> None:
+    macs = [MAC, bytes.fromhex("02005e0000bb")]
+    h = Harness(asyncio.get_running_loop(), (0.0, 0.05), lambda _: macs[0])
+    h.announcer.announce("eth0", V4)
+    macs.pop(0)
+    h.senders["eth0"].generation += 1
+    h.announcer.announce_once("eth0", V4)
+    sources = [Ether(f).src for _, f in h.sent]
+    # The one-shot noticed the new device, looked the MAC up again and sent only that.
+    assert sources == [MAC_TEXT] * 2 + ["02:00:5e:00:00:bb"] * 2
+    assert V4 in h.announcer.pending  # the claim's schedule was not touched ...
+    await advance(0.1)
+    # ... and its repeat, sent with the fresh MAC, restarted it (0 and 0.05 again).
+    assert [Ether(f).src for _, f in h.sent[4:]] == ["02:00:5e:00:00:bb"] * 4
+    h.announcer.close()
+
+
+@in_loop
+async def test_announce_once_failures_counted_and_after_close() -> None:
+    def lookup(interface: str) -> bytes:
+        raise OSError(19, "No such device")
+
+    h = Harness(asyncio.get_running_loop(), (0.0,), lookup)
+    h.announcer.announce_once("eth9", V4)  # must not raise
+    assert h.announcer.lookup_errors == 1
+    assert h.sent == []
+    h.announcer.close()
+    h2 = Harness(asyncio.get_running_loop(), (0.0,))
+    h2.announcer.close()
+    h2.announcer.announce_once("eth0", V4)  # ignored, logged
+    assert h2.sent == []
+
+
 def test_fake_announcer_records() -> None:
     fake = FakeAnnouncer()
     fake.announce("eth0", V4)
     fake.announce("eth0", V4)
     fake.cancel(V4)
     fake.announce("eth1", V6)
+    fake.announce_once("eth1", V6)
+    fake.announce_once("eth0", V4)
     assert fake.announced(V4) == 2
-    assert fake.active == {V6: "eth1"}
+    assert fake.announced_once(V4) == 1 and fake.announced_once(V6) == 1
+    assert ("once", "eth0", V4) in fake.calls
+    assert fake.active == {V6: "eth1"}  # a one-shot starts no schedule
     fake.close()
     assert fake.closed and not fake.active
     assert fake.calls[-1] == ("close", None, None)

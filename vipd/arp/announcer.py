@@ -14,6 +14,15 @@ The MAC comes from an injected `mac_lookup(interface)`; it may be synchronous or
 awaitable (the daemon passes `AddressManager.mac_address`). Results are cached per
 interface and one lookup per interface is in flight at a time, so a cold start announcing
 hundreds of addresses makes one netlink request, not hundreds.
+
+Three ways to announce, sharing the MAC lookup, the frame cache and the check that the
+interface still is the device the MAC was read from:
+
+* `announce()`: a claim. The whole schedule; its first burst also queues the notify list
+  (`vipd.arp.notify`, throttled). A new call restarts the schedule.
+* `announce_once()`: one burst now (periodic refresh, answering another MAC that claims
+  the address). It neither restarts nor cancels a running schedule and does not notify.
+* `cancel()`: a release. Stops the schedule, pending one-shots and queued notify frames.
 """
 
 from __future__ import annotations
@@ -27,12 +36,14 @@ from typing import Protocol
 import structlog
 
 from vipd.arp.frames import announcement_frames
+from vipd.arp.notify import IPNetwork, Notifier
 from vipd.arp.sender import FrameSender
 from vipd.config import IPInterface
 
 MacLookup = Callable[[str], bytes | Awaitable[bytes]]
 
 DEFAULT_SCHEDULE: tuple[float, ...] = (0.0, 0.05, 1.0, 2.0, 5.0)
+DEFAULT_NOTIFY_RATE = 500.0  # frames/s, as `config.Announce.notify_rate`
 
 log = structlog.get_logger()
 
@@ -44,14 +55,29 @@ class Announcer(Protocol):
     frames_sent: dict[IPInterface, int]
 
     def announce(self, interface: str, address: IPInterface) -> None:
-        """Burst now plus scheduled repeats; a new call restarts the schedule."""
+        """A claim: burst now plus scheduled repeats (and the notify list); a new call
+        restarts the schedule."""
+        ...
+
+    def announce_once(self, interface: str, address: IPInterface) -> None:
+        """One burst now (refresh, defence); a running schedule is left as it is."""
         ...
 
     def cancel(self, address: IPInterface) -> None:
-        """Stop pending repeats (the address is being released)."""
+        """Stop pending repeats and notify frames (the address is being released)."""
         ...
 
     def close(self) -> None: ...
+
+    @property
+    def notify_sent(self) -> int:
+        """Notify-list frames that left, cumulative."""
+        ...
+
+    @property
+    def notify_dropped(self) -> int:
+        """Notify-list frames dropped because the queue was full, cumulative."""
+        ...
 
 
 class FrameSink(Protocol):
@@ -68,14 +94,21 @@ class FrameSink(Protocol):
 
 @dataclass(eq=False)
 class _Burst:
+    """One announcement run: a claim's schedule or a one-shot (offsets (0,))."""
+
     interface: str
     address: IPInterface
+    offsets: tuple[float, ...]
+    claim: bool  # announce(): its first burst notifies; False: announce_once()
     handles: list[asyncio.TimerHandle] = field(default_factory=list)
     waiter: asyncio.Task[None] | None = None  # waiting for the MAC lookup
+    mac: bytes = b""
     epoch: int = 0  # sender generation the frames' MAC belongs to
     remaining: int = 0
+    live: bool = True  # False once finished, cancelled or superseded
 
     def cancel(self) -> None:
+        self.live = False
         for handle in self.handles:
             handle.cancel()
         self.handles.clear()
@@ -89,8 +122,12 @@ class RawAnnouncer:
 
     Addresses are keyed exactly as given (an `IPInterface`, prefix included): pass the same
     objects to `announce` and `cancel`, as the daemon does with its configured pool.
-    Counters for metrics: `frames_sent[address]` (frames that left, cumulative),
-    `send_errors`, `lookup_errors`.
+    Counters for metrics: `frames_sent[address]` (broadcast announcement frames that left,
+    cumulative), `send_errors`, `lookup_errors`, `notify_sent`, `notify_dropped`.
+
+    `na_router` is the router flag of the neighbour advertisements (config
+    `announce.na_router`); `notify` and `notify_rate` the notify list and its budget in
+    frames/s (`announce.notify`, `announce.notify_rate`; see `vipd.arp.notify.Notifier`).
     """
 
     def __init__(
@@ -100,6 +137,9 @@ class RawAnnouncer:
         schedule: Iterable[float] = DEFAULT_SCHEDULE,
         *,
         sender_factory: Callable[[str], FrameSink] = FrameSender,
+        na_router: bool = False,
+        notify: Iterable[IPNetwork] = (),
+        notify_rate: float = DEFAULT_NOTIFY_RATE,
     ) -> None:
         offsets = tuple(sorted(float(s) for s in schedule))
         if not offsets or offsets[0] < 0:
@@ -107,6 +147,7 @@ class RawAnnouncer:
         self._loop = loop
         self._mac_lookup = mac_lookup
         self.schedule = offsets
+        self.na_router = na_router
         self._sender_factory = sender_factory
         self.frames_sent: dict[IPInterface, int] = {}
         self.send_errors = 0
@@ -116,7 +157,16 @@ class RawAnnouncer:
         self._lookups: dict[str, asyncio.Task[tuple[bytes, int] | None]] = {}
         self._frames: dict[tuple[bytes, IPInterface], tuple[bytes, ...]] = {}
         self._senders: dict[str, FrameSink] = {}
-        self._bursts: dict[IPInterface, _Burst] = {}
+        self._bursts: dict[IPInterface, _Burst] = {}  # running claim schedules
+        self._once: set[_Burst] = set()  # one-shots waiting for their MAC
+        self.notifier = Notifier(
+            loop,
+            notify,
+            rate=notify_rate,
+            sender_for=self._sender,
+            na_router=na_router,
+            on_interface_changed=self._notify_interface_changed,
+        )
         self._closed = False
 
     @property
@@ -124,14 +174,65 @@ class RawAnnouncer:
         """Addresses with repeats still scheduled (or waiting for their MAC)."""
         return frozenset(self._bursts)
 
+    @property
+    def notify_sent(self) -> int:
+        return self.notifier.notify_sent
+
+    @property
+    def notify_dropped(self) -> int:
+        return self.notifier.notify_dropped
+
     def announce(self, interface: str, address: IPInterface) -> None:
         if self._closed:
             log.warning("announce_after_close", interface=interface, address=str(address))
             return
-        # A fresh announce (takeover, conflict seen, refresh) supersedes a running schedule.
-        self.cancel(address)
-        burst = _Burst(interface, address)
+        # A fresh claim (takeover, re-announce after a heal) supersedes a running schedule
+        # and the notify frames still queued for it.
+        self._stop_schedule(address)
+        burst = _Burst(interface, address, self.schedule, claim=True)
         self._bursts[address] = burst
+        self._launch(burst)
+
+    def announce_once(self, interface: str, address: IPInterface) -> None:
+        if self._closed:
+            log.warning("announce_after_close", interface=interface, address=str(address))
+            return
+        burst = _Burst(interface, address, (0.0,), claim=False)
+        self._once.add(burst)
+        self._launch(burst)
+
+    def cancel(self, address: IPInterface) -> None:
+        self._stop_schedule(address)
+        for burst in [b for b in self._once if b.address == address]:
+            burst.cancel()
+            self._once.discard(burst)
+
+    def close(self) -> None:
+        """Cancel every schedule and lookup and close the sockets; idempotent."""
+        self._closed = True
+        for burst in [*self._bursts.values(), *self._once]:
+            burst.cancel()
+        self._bursts.clear()
+        self._once.clear()
+        self.notifier.close()
+        for lookup in self._lookups.values():
+            lookup.cancel()
+        self._lookups.clear()
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _stop_schedule(self, address: IPInterface) -> None:
+        burst = self._bursts.pop(address, None)
+        if burst is not None:
+            burst.cancel()
+        self.notifier.cancel(address)
+
+    def _launch(self, burst: _Burst) -> None:
+        """Start `burst` now if its interface's MAC is known, else once it is looked up."""
+        interface = burst.interface
         known = self._macs.get(interface)
         if known is not None:
             self._start(burst, known)
@@ -156,26 +257,6 @@ class RawAnnouncer:
             lookup = self._loop.create_task(self._await_mac(interface, result, epoch))
             self._lookups[interface] = lookup
         burst.waiter = self._loop.create_task(self._start_when_known(burst, lookup))
-
-    def cancel(self, address: IPInterface) -> None:
-        burst = self._bursts.pop(address, None)
-        if burst is not None:
-            burst.cancel()
-
-    def close(self) -> None:
-        """Cancel every schedule and lookup and close the sockets; idempotent."""
-        self._closed = True
-        for burst in self._bursts.values():
-            burst.cancel()
-        self._bursts.clear()
-        for lookup in self._lookups.values():
-            lookup.cancel()
-        self._lookups.clear()
-        for sender in self._senders.values():
-            sender.close()
-        self._senders.clear()
-
-    # -- internals ------------------------------------------------------------------------
 
     def _remember_mac(self, interface: str, mac: bytes, epoch: int) -> bool:
         if not isinstance(mac, bytes) or len(mac) != 6:
@@ -206,7 +287,7 @@ class RawAnnouncer:
         burst.waiter = None
         if known is None:
             self._finish(burst)
-        elif self._bursts.get(burst.address) is burst:
+        elif burst.live:
             self._start(burst, known)
 
     def _lookup_failed(self, interface: str, exc: Exception) -> None:
@@ -219,41 +300,44 @@ class RawAnnouncer:
         )
 
     def _start(self, burst: _Burst, known: tuple[bytes, int]) -> None:
-        mac, burst.epoch = known
-        frames = self._frames_for(mac, burst.address)
-        burst.remaining = len(self.schedule)
-        for offset in self.schedule:
+        burst.mac, burst.epoch = known
+        frames = self._frames_for(burst.mac, burst.address)
+        burst.remaining = len(burst.offsets)
+        for i, offset in enumerate(burst.offsets):
+            first = i == 0
             if offset == 0:
-                self._fire(burst, frames)
+                self._fire(burst, frames, first)
             else:
-                burst.handles.append(self._loop.call_later(offset, self._fire, burst, frames))
+                handle = self._loop.call_later(offset, self._fire, burst, frames, first)
+                burst.handles.append(handle)
 
     def _frames_for(self, mac: bytes, address: IPInterface) -> tuple[bytes, ...]:
         key = (mac, address)
         frames = self._frames.get(key)
         if frames is None:
-            frames = self._frames[key] = announcement_frames(mac, address)
+            frames = self._frames[key] = announcement_frames(mac, address, router=self.na_router)
         return frames
 
-    def _fire(self, burst: _Burst, frames: tuple[bytes, ...]) -> None:
-        if self._bursts.get(burst.address) is not burst:
+    def _fire(self, burst: _Burst, frames: tuple[bytes, ...], first: bool) -> None:
+        if not burst.live:
             return  # cancelled or superseded between scheduling and firing
         sender = self._sender(burst.interface)
         generation = sender.current_generation()
         if generation != burst.epoch:
             # The name now denotes another device (deleted and recreated) or the MAC was
             # changed: announcing the old MAC would black-hole the address. Forget it and
-            # start over with a fresh lookup.
-            known = self._macs.get(burst.interface)
-            if known is not None and known[1] != generation:
-                del self._macs[burst.interface]
-                self._frames = {k: v for k, v in self._frames.items() if k[0] != known[0]}
+            # start over with a fresh lookup (a schedule restarts; a one-shot is redone).
+            self._forget_mac(burst.interface, generation)
             log.info(
                 "announce_interface_changed",
                 interface=burst.interface,
                 address=str(burst.address),
             )
-            self.announce(burst.interface, burst.address)
+            self._finish(burst)
+            if burst.claim:
+                self.announce(burst.interface, burst.address)
+            else:
+                self.announce_once(burst.interface, burst.address)
             return
         ok = 0
         for frame in frames:
@@ -262,13 +346,31 @@ class RawAnnouncer:
             else:
                 self.send_errors += 1
         self.frames_sent[burst.address] = self.frames_sent.get(burst.address, 0) + ok
+        if first and burst.claim:
+            self.notifier.notify(burst.interface, burst.address, burst.mac, burst.epoch)
         burst.remaining -= 1
         if burst.remaining <= 0:
             self._finish(burst)
 
+    def _forget_mac(self, interface: str, generation: int) -> None:
+        """Drop the cached MAC (and its frames) of `interface` unless read in `generation`."""
+        known = self._macs.get(interface)
+        if known is not None and known[1] != generation:
+            del self._macs[interface]
+            self._frames = {k: v for k, v in self._frames.items() if k[0] != known[0]}
+
+    def _notify_interface_changed(self, interface: str, address: IPInterface) -> None:
+        # The notifier found the device replaced before it sent all of a claim's frames:
+        # the claim's MAC is stale everywhere, so announce it again (the notify list too).
+        self._forget_mac(interface, self._sender(interface).current_generation())
+        log.info("announce_interface_changed", interface=interface, address=str(address))
+        self.announce(interface, address)
+
     def _finish(self, burst: _Burst) -> None:
+        burst.cancel()
         if self._bursts.get(burst.address) is burst:
             del self._bursts[burst.address]
+        self._once.discard(burst)
 
     def _sender(self, interface: str) -> FrameSink:
         sender = self._senders.get(interface)
@@ -280,20 +382,26 @@ class RawAnnouncer:
 class FakeAnnouncer:
     """In-memory `Announcer` for unit tests.
 
-    `calls` records ("announce", interface, address), ("cancel", None, address) and
-    ("close", None, None); `active` maps addresses whose schedule would still be running
-    to their interface.
+    `calls` records ("announce", interface, address), ("once", interface, address),
+    ("cancel", None, address) and ("close", None, None); `active` maps addresses whose
+    schedule would still be running to their interface (`announce_once` leaves it alone).
     """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str | None, IPInterface | None]] = []
         self.active: dict[IPInterface, str] = {}
         self.frames_sent: dict[IPInterface, int] = {}
+        self.notify_sent = 0
+        self.notify_dropped = 0
         self.closed = False
 
     def announce(self, interface: str, address: IPInterface) -> None:
         self.calls.append(("announce", interface, address))
         self.active[address] = interface
+        self.frames_sent[address] = self.frames_sent.get(address, 0) + 1
+
+    def announce_once(self, interface: str, address: IPInterface) -> None:
+        self.calls.append(("once", interface, address))
         self.frames_sent[address] = self.frames_sent.get(address, 0) + 1
 
     def cancel(self, address: IPInterface) -> None:
@@ -306,5 +414,9 @@ class FakeAnnouncer:
         self.closed = True
 
     def announced(self, address: IPInterface) -> int:
-        """How many times `address` was announced."""
+        """How many times `address` was announced (claims: `announce`)."""
         return sum(1 for op, _, a in self.calls if op == "announce" and a == address)
+
+    def announced_once(self, address: IPInterface) -> int:
+        """How many one-shot announcements (`announce_once`) `address` got."""
+        return sum(1 for op, _, a in self.calls if op == "once" and a == address)

@@ -13,10 +13,13 @@ IPv4 gets two gratuitous ARPs because receivers disagree on which form they hono
 
 IPv6 gets one unsolicited neighbour advertisement to all-nodes with the override flag.
 Linux applies it to an existing entry only (it creates none unless `accept_untracked_na`).
+Its router flag (`router=True`, config `announce.na_router`) must tell the truth: a receiver
+that has the address in its default-router list and sees R=0 removes it from that list
+(RFC 4861 7.2.5), so a node that routes for the VIP must set it and one that does not must not.
 
-scapy is imported on first use and only once, with its import-time warnings (routes,
-interfaces) silenced: a daemon that never announces never pays for it, and `vipctl`, which
-never imports this package, never sees it.
+scapy is imported once, with its import-time warnings (routes, interfaces) silenced: by the
+daemon at start (`preload`, so the first failover claim does not wait for it), and `vipctl`,
+which never imports this package, never sees it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def _scapy() -> _Scapy:
     return _Scapy(Ether, ARP, IPv6, ICMPv6ND_NA, ICMPv6NDOptDstLLAddr)
 
 
+def preload() -> None:
+    """Import scapy now: the daemon calls this at start, so the first claim of a failover
+    does not stall the event loop for the import (~120 ms)."""
+    _scapy()
+
+
 def mac_text(mac: bytes) -> str:
     """b'\\x02\\x00...' -> '02:00:...'; rejects anything but 6 bytes."""
     if len(mac) != 6:
@@ -85,21 +94,27 @@ def garp_reply(mac: bytes, ip: ipaddress.IPv4Address) -> bytes:
     return _pad(bytes(pkt))
 
 
-def unsolicited_na(mac: bytes, ip: ipaddress.IPv6Address) -> bytes:
+def unsolicited_na(mac: bytes, ip: ipaddress.IPv6Address, *, router: bool = False) -> bytes:
+    """Unsolicited NA for `ip` to all-nodes: S=0, O=1, R=`router`, TLLA = `mac`."""
     s = _scapy()
     hw = mac_text(mac)
     # hlim 255 is mandatory: receivers drop ND messages that crossed a router (RFC 4861 7.1.2).
     pkt = (
         s.Ether(dst=ALL_NODES_MAC, src=hw)
         / s.IPv6(src=str(ip), dst=ALL_NODES, hlim=255)
-        / s.ICMPv6ND_NA(tgt=str(ip), R=0, S=0, O=1)
+        / s.ICMPv6ND_NA(tgt=str(ip), R=int(router), S=0, O=1)
         / s.ICMPv6NDOptDstLLAddr(lladdr=hw)
     )
     return bytes(pkt)
 
 
-def announcement_frames(mac: bytes, address: IPInterface) -> tuple[bytes, ...]:
-    """Every frame one announcement of `address` sends (the prefix length is irrelevant)."""
+def announcement_frames(
+    mac: bytes, address: IPInterface, *, router: bool = False
+) -> tuple[bytes, ...]:
+    """Every frame one announcement of `address` sends (the prefix length is irrelevant).
+
+    `router` is the NA router flag; it does not apply to IPv4.
+    """
     if isinstance(address, ipaddress.IPv4Interface):
         return (garp_request(mac, address.ip), garp_reply(mac, address.ip))
-    return (unsolicited_na(mac, address.ip),)
+    return (unsolicited_na(mac, address.ip, router=router),)
