@@ -21,6 +21,15 @@ missing interface raises ``InterfaceMissing``; anything else raises ``AddressErr
 naming the operation, the address, the interface and the errno text. A request whose
 awaiting task is cancelled still runs to completion in the worker (netlink requests
 cannot be taken back); the reconcile timer repairs any drift that leaves behind.
+
+IPv6 addresses whose duplicate address detection failed (IFA_F_DADFAILED: someone added
+the address without ``nodad`` while another host answered for it) stay in the kernel's list
+but are never used, so for the daemon they are missing: ``list_addresses`` leaves them out.
+The next ``add`` of such an address meets EEXIST; it then removes the dead copy (with
+whatever prefix it has) and adds the address again with IFA_F_NODAD, logs
+``dadfailed_recovered`` and returns True. An EEXIST for a usable (or still tentative)
+address remains "already so" (False); a failure of either recovery step is an
+``AddressError`` with op "add", like any other refusal.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -41,6 +51,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vipd.config import IPInterface
 
 IFA_F_NODAD = 0x02  # <linux/if_addr.h>: skip duplicate address detection
+IFA_F_DADFAILED = 0x08  # <linux/if_addr.h>: DAD found a duplicate; the kernel won't use it
 IFNAMSIZ = 16  # <linux/if.h>: interface names and IPv4 labels, including the NUL
 LABEL_SUFFIX = ":vip"
 RT_SCOPE_UNIVERSE = 0  # "global" in `ip addr`
@@ -91,7 +102,8 @@ class AddressManager(Protocol):
     """The kernel's view of the addresses on an interface (see docs/internals.md)."""
 
     async def list_addresses(self, interface: str) -> set[IPInterface]:
-        """Global-scope addresses on the interface (no link-local), with prefix lengths."""
+        """Global-scope addresses on the interface (no link-local, no IPv6 dadfailed), with
+        prefix lengths."""
         ...
 
     async def add(self, interface: str, address: IPInterface) -> bool:
@@ -274,12 +286,49 @@ class NetlinkAddressManager:
             try:
                 ipr.addr("add", index=index, **attrs)
             except NetlinkError as exc:
-                if exc.code == errno.EEXIST:
-                    return False
-                raise
+                if exc.code != errno.EEXIST:
+                    raise
+                if address.version == 6:
+                    return self._recover_dadfailed(ipr, index, interface, address, attrs)
+                return False
             return True
 
         return self._with_index("add", interface, address, request)
+
+    def _recover_dadfailed(
+        self,
+        ipr: IPRoute,
+        index: int,
+        interface: str,
+        address: IPInterface,
+        attrs: dict[str, Any],
+    ) -> bool:
+        """After EEXIST on an IPv6 add: replace a dadfailed copy (True), else False."""
+        dead = None
+        # Consume the whole dump: a half-read one would leave messages on the socket.
+        for msg in list(ipr.addr("dump", index=index, family=socket.AF_INET6)):
+            if (
+                msg.get("index") == index
+                and _flags(msg) & IFA_F_DADFAILED
+                and ipaddress.ip_address(msg.get("IFA_ADDRESS") or "::") == address.ip
+            ):
+                dead = msg
+                break
+        if dead is None:
+            return False  # present and usable (or tentative): "already so"
+        try:
+            ipr.addr("del", index=index, address=str(address.ip), prefixlen=dead["prefixlen"])
+        except NetlinkError as exc:
+            if exc.code != errno.EADDRNOTAVAIL:  # gone meanwhile: just add it
+                raise
+        ipr.addr("add", index=index, **attrs)  # EEXIST now is a race: AddressError
+        log.info(
+            "dadfailed_recovered",
+            interface=interface,
+            address=str(address),
+            old_prefixlen=dead["prefixlen"],
+        )
+        return True
 
     def _remove_sync(self, interface: str, address: IPInterface) -> bool:
         def request(ipr: IPRoute, index: int) -> bool:
@@ -322,10 +371,20 @@ class NetlinkAddressManager:
         return mac
 
 
+def _flags(msg: Any) -> int:
+    """IFA_F_* bits: IFA_FLAGS (all 32) when present, else the header's 8."""
+    flags = msg.get("IFA_FLAGS")
+    if flags is None:
+        flags = msg.get("flags") or 0
+    return int(flags)
+
+
 def _parse_addresses(msgs: Iterable[Any], index: int) -> Iterable[IPInterface]:
     for msg in msgs:
         if msg.get("index") != index or msg.get("scope") != RT_SCOPE_UNIVERSE:
             continue
+        if _flags(msg) & IFA_F_DADFAILED:
+            continue  # the kernel never uses it: for the daemon the address is missing
         # IFA_LOCAL is our side; IFA_ADDRESS is the peer on point-to-point links.
         text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
         if not text:
@@ -341,7 +400,9 @@ class FakeAddressManager:
 
     IPv4 addresses are distinct per (address, prefix) like the kernel's; an IPv6 address
     exists once whatever its prefix (a second add is EEXIST). Removal needs the exact
-    prefix. Every call is appended to `calls` as (op, interface, address-or-None).
+    prefix. An IPv6 address marked with `mark_dadfailed` is left out of `list_addresses`
+    and replaced by the next `add` (True), like the kernel manager's recovery. Every call
+    is appended to `calls` as (op, interface, address-or-None).
     """
 
     DEFAULT_MAC = bytes.fromhex("020000000001")
@@ -350,6 +411,7 @@ class FakeAddressManager:
         self.macs: dict[str, bytes] = dict(interfaces or {"eth0": self.DEFAULT_MAC})
         self.addresses: dict[str, set[IPInterface]] = {name: set() for name in self.macs}
         self.calls: list[tuple[str, str, IPInterface | None]] = []
+        self.dadfailed: dict[str, set[IPInterface]] = {}
         self.closed = False
         self._failures: dict[str, list[BaseException]] = {}
 
@@ -363,10 +425,18 @@ class FakeAddressManager:
         self.macs[name] = mac
         self.addresses.setdefault(name, set())
 
+    def mark_dadfailed(self, interface: str, address: IPInterface) -> None:
+        """Put an IPv6 address on `interface` in the kernel's dadfailed state."""
+        if address.version != 6:
+            raise ValueError(f"only IPv6 addresses have DAD, not {address}")
+        self.addresses[interface].add(address)
+        self.dadfailed.setdefault(interface, set()).add(address)
+
     def remove_interface(self, name: str) -> None:
         """Like `ip link del`: the interface and its addresses disappear."""
         self.macs.pop(name, None)
         self.addresses.pop(name, None)
+        self.dadfailed.pop(name, None)
 
     # -- AddressManager -------------------------------------------------------------------
 
@@ -382,10 +452,17 @@ class FakeAddressManager:
         return self.addresses[interface]
 
     async def list_addresses(self, interface: str) -> set[IPInterface]:
-        return set(self._enter("list", interface, None))
+        return self._enter("list", interface, None) - self.dadfailed.get(interface, set())
 
     async def add(self, interface: str, address: IPInterface) -> bool:
         held = self._enter("add", interface, address)
+        failed = self.dadfailed.get(interface, set())
+        dead = {a for a in failed if a.ip == address.ip}
+        if dead:
+            held -= dead
+            failed -= dead
+            held.add(address)
+            return True
         if address in held or (
             address.version == 6 and any(a.version == 6 and a.ip == address.ip for a in held)
         ):
@@ -398,6 +475,7 @@ class FakeAddressManager:
         if address not in held:
             return False
         held.remove(address)
+        self.dadfailed.get(interface, set()).discard(address)
         return True
 
     async def mac_address(self, interface: str) -> bytes:

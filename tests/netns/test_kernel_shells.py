@@ -1,11 +1,11 @@
 """The two kernel-facing shells against a real kernel: netlink addresses and raw announcements.
 
 Two namespaces per test, joined by a veth pair, named with a per-run unique prefix and
-deleted in the fixture's finalizer even when a test fails. The code under test runs inside
-namespace A as a child `ip netns exec A python -c ...` (namespaces are per thread, so
-switching this pytest process would leak into everything else it does); the snippets print
-one JSON line of results. Only documentation addresses are used: 198.51.100.0/24 for node
-addresses, 203.0.113.0/24 for VIPs, 2001:db8::/32 for IPv6.
+deleted in the fixture's finalizer even when a test fails (tests/netns/veth.py). The code
+under test runs inside namespace A as a child `ip netns exec A python -c ...` (namespaces
+are per thread, so switching this pytest process would leak into everything else it does);
+the snippets print one JSON line of results. Only documentation addresses are used:
+198.51.100.0/24 for node addresses, 203.0.113.0/24 for VIPs, 2001:db8::/32 for IPv6.
 """
 
 from __future__ import annotations
@@ -14,22 +14,16 @@ import asyncio
 import ipaddress
 import json
 import os
-import secrets
 import shutil
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.netns.veth import REPO, VethPair, ip, ip_json, snippet_argv, start_in, veth_pair
 from vipd.addresses import AddressError, FakeAddressManager, InterfaceMissing
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.netns,
@@ -51,59 +45,21 @@ VIP6 = "2001:db8:0:1::10/128"
 BOGUS_MAC = "02:00:00:00:00:99"
 
 
-def ip(*args: str) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def ip_json(ns: str, *args: str) -> Any:
-    return json.loads(ip("-n", ns, "-j", *args) or "[]")
-
-
-@dataclass(frozen=True)
-class Pair:
-    a: str
-    b: str
-    mac_a: str
-
-
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    prefix = f"vt-{os.getpid()}-{secrets.token_hex(3)}"
-    a, b = f"{prefix}-a", f"{prefix}-b"
-    created: list[str] = []
-    try:
-        for ns in (a, b):
-            ip("netns", "add", ns)
-            created.append(ns)
-        # Created directly inside the namespaces: the names never exist in the root one.
-        ip("link", "add", IF_A, "netns", a, "type", "veth", "peer", "name", IF_B, "netns", b)
-        ip("-n", a, "link", "add", IF_R, "type", "veth", "peer", "name", "vr1")
-        ip("-n", a, "link", "add", IF_LONG, "type", "veth", "peer", "name", "vtl1")
-        for ns, links in ((a, ("lo", IF_A, IF_R, "vr1", IF_LONG, "vtl1")), (b, ("lo", IF_B))):
-            for link in links:
-                ip("-n", ns, "link", "set", link, "up")
-        ip("-n", a, "addr", "add", NODE_A4, "dev", IF_A)
-        ip("-n", b, "addr", "add", NODE_B4, "dev", IF_B)
-        ip("-n", a, "addr", "add", NODE_A6, "dev", IF_A, "nodad")
-        ip("-n", b, "addr", "add", NODE_B6, "dev", IF_B, "nodad")
-        mac_a = ip_json(a, "link", "show", "dev", IF_A)[0]["address"]
-        yield Pair(a, b, mac_a)
-    finally:
-        for ns in reversed(created):  # deleting a namespace deletes its links
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+def pair() -> Iterator[VethPair]:
+    addrs_a, addrs_b = (NODE_A4, NODE_A6), (NODE_B4, NODE_B6)
+    with veth_pair(f"vt-{os.getpid()}-", IF_A, IF_B, addrs_a=addrs_a, addrs_b=addrs_b) as p:
+        ip("-n", p.a, "link", "add", IF_R, "type", "veth", "peer", "name", "vr1")
+        ip("-n", p.a, "link", "add", IF_LONG, "type", "veth", "peer", "name", "vtl1")
+        for link in (IF_R, "vr1", IF_LONG, "vtl1"):
+            ip("-n", p.a, "link", "set", link, "up")
+        yield p
 
 
 def run_in(ns: str, code: str, args: dict[str, Any], timeout: float = 60) -> Any:
     """Run a Python snippet inside `ns`; its last stdout line is JSON."""
     proc = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(code), json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
+        snippet_argv(ns, code, args), capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
     assert proc.returncode == 0, f"snippet failed in {ns}:\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -177,7 +133,7 @@ async def _run_fake(sequence: list[tuple[str, str, str | None]], mac: bytes) -> 
     return out
 
 
-def test_add_remove_idempotent_and_fake_agrees(pair: Pair) -> None:
+def test_add_remove_idempotent_and_fake_agrees(pair: VethPair) -> None:
     real = run_in(pair.a, SEQUENCE_SNIPPET, {"sequence": SEQUENCE})
     assert [r[1] for r in real[:6]] == [True, False, True, False, False, True]
     assert real[6][1] == sorted(
@@ -255,7 +211,7 @@ asyncio.run(main())
 """
 
 
-def test_labels_nodad_mac_recreate_and_errors(pair: Pair) -> None:
+def test_labels_nodad_mac_recreate_and_errors(pair: VethPair) -> None:
     out = run_in(
         pair.a,
         ADDRESS_SNIPPET,
@@ -308,7 +264,7 @@ print(json.dumps(out))
 """
 
 
-def test_sender_survives_recreated_and_missing_interfaces(pair: Pair) -> None:
+def test_sender_survives_recreated_and_missing_interfaces(pair: VethPair) -> None:
     out = run_in(pair.a, SENDER_SNIPPET, {"if_r": IF_R})
     assert out["first"] == [True, 0]
     assert out["gone"] == [False, 1]  # ENXIO/ENODEV: logged and counted, not raised
@@ -355,23 +311,14 @@ asyncio.run(main())
 """
 
 
-def _announce_and_watch(pair: Pair, vip: str) -> tuple[float, dict[str, Any]]:
+def _announce_and_watch(pair: VethPair, vip: str) -> tuple[float, dict[str, Any]]:
     """Announce `vip` from A; seconds until B's entry shows A's MAC, and A's counters."""
     expect = 4 if ipaddress.ip_interface(vip).version == 4 else 2  # two bursts
     dst = str(ipaddress.ip_interface(vip).ip)
     ip("-n", pair.b, "neigh", "replace", dst, "lladdr", BOGUS_MAC, "dev", IF_B, "nud", "stale")
     assert ip_json(pair.b, "neigh", "show", dst, "dev", IF_B)[0]["lladdr"] == BOGUS_MAC
-    proc = subprocess.Popen(
-        [
-            *("ip", "netns", "exec", pair.a, sys.executable, "-c"),
-            textwrap.dedent(ANNOUNCE_SNIPPET),
-            json.dumps({"if_a": IF_A, "vip": vip, "linger": 0.9, "expect": expect}),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    args = {"if_a": IF_A, "vip": vip, "linger": 0.9, "expect": expect}
+    proc = start_in(pair.a, ANNOUNCE_SNIPPET, args)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -395,7 +342,7 @@ def _announce_and_watch(pair: Pair, vip: str) -> tuple[float, dict[str, Any]]:
             proc.wait()
 
 
-def test_gratuitous_arp_updates_peer_neighbour_cache(pair: Pair) -> None:
+def test_gratuitous_arp_updates_peer_neighbour_cache(pair: VethPair) -> None:
     elapsed, out = _announce_and_watch(pair, VIP4)
     assert elapsed < 1.0
     # Offsets 0 and 0.05 s fired (before the 1 s repeat): request + reply each time.
@@ -405,7 +352,7 @@ def test_gratuitous_arp_updates_peer_neighbour_cache(pair: Pair) -> None:
     assert out["pending_after_close"] == []  # ... until close() cancelled them
 
 
-def test_unsolicited_na_updates_peer_neighbour_cache(pair: Pair) -> None:
+def test_unsolicited_na_updates_peer_neighbour_cache(pair: VethPair) -> None:
     elapsed, out = _announce_and_watch(pair, VIP6)
     assert elapsed < 1.0
     assert out["frames_sent"] == 2  # one NA at 0 and one at 0.05 s
@@ -446,7 +393,7 @@ asyncio.run(main())
 """
 
 
-def test_announcer_follows_mac_change(pair: Pair) -> None:
+def test_announcer_follows_mac_change(pair: VethPair) -> None:
     new_mac = "02:00:5e:00:53:02"
     dst = str(ipaddress.ip_interface(VIP4).ip)
     ip("-n", pair.b, "neigh", "replace", dst, "lladdr", BOGUS_MAC, "dev", IF_B, "nud", "stale")
@@ -455,3 +402,88 @@ def test_announcer_follows_mac_change(pair: Pair) -> None:
     # schedule restarted with the new one (0 and 0.2 s again): 3 sends of 2 frames.
     assert out == {"frames_sent": 6, "lookup_errors": 0}
     assert ip_json(pair.b, "neigh", "show", dst, "dev", IF_B)[0]["lladdr"] == new_mac
+
+
+DAD_ADDR = "2001:db8:0:1::77"
+
+DADFAILED_SNIPPET = """
+import asyncio, ipaddress, json, subprocess, sys
+from structlog.testing import capture_logs
+from vipd.addresses import NetlinkAddressManager
+
+a = json.loads(sys.argv[1])
+
+def infos(dev, address):
+    out = subprocess.run(["ip", "-j", "addr", "show", "dev", dev], check=True,
+                         capture_output=True, text=True).stdout
+    return [i for link in json.loads(out) for i in link["addr_info"] if i["local"] == address]
+
+async def main():
+    mgr = NetlinkAddressManager()
+    vip = ipaddress.ip_interface(a["vip"])
+    out = {"before": infos(a["if_a"], str(vip.ip))}
+    out["list"] = sorted(str(x) for x in await mgr.list_addresses(a["if_a"]))
+    with capture_logs() as logs:
+        out["add"] = await mgr.add(a["if_a"], vip)
+    out["logs"] = [
+        {k: v for k, v in entry.items() if k in ("event", "interface", "address")}
+        for entry in logs
+    ]
+    out["after"] = infos(a["if_a"], str(vip.ip))
+    out["add_again"] = await mgr.add(a["if_a"], vip)
+    out["list_after"] = sorted(str(x) for x in await mgr.list_addresses(a["if_a"]))
+    mgr.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_dadfailed_ipv6_is_missing_and_add_recovers_it(pair: VethPair) -> None:
+    # B holds the address (nodad: usable at once); A then configures it the plain way, with
+    # DAD on, so A's kernel sees B answer and marks its copy dadfailed.
+    subprocess.run(
+        ["ip", "netns", "exec", pair.a, "sysctl", "-qw", f"net.ipv6.conf.{IF_A}.accept_dad=1"],
+        check=True,
+        timeout=20,
+    )
+    ip("-n", pair.b, "addr", "add", f"{DAD_ADDR}/64", "dev", IF_B, "nodad")
+    ip("-n", pair.a, "addr", "add", f"{DAD_ADDR}/64", "dev", IF_A)
+    deadline = time.monotonic() + 8
+    while "dadfailed" not in ip("-n", pair.a, "-6", "addr", "show", "dev", IF_A):
+        assert time.monotonic() < deadline, ip("-n", pair.a, "-6", "addr", "show", "dev", IF_A)
+        time.sleep(0.05)
+
+    vip = f"{DAD_ADDR}/128"  # the pool's prefix, not the /64 the dead copy has
+    out = run_in(pair.a, DADFAILED_SNIPPET, {"if_a": IF_A, "vip": vip})
+    [before] = out["before"]
+    assert before.get("dadfailed") is True and before["prefixlen"] == 64
+    # Useless to the kernel, so missing for the daemon; the node's own addresses stay.
+    assert out["list"] == sorted([NODE_A4, NODE_A6])
+    assert out["add"] is True
+    [after] = out["after"]  # one copy only: the dead one was removed
+    assert after["prefixlen"] == 128
+    assert after.get("nodad") is True
+    assert "dadfailed" not in after and "tentative" not in after
+    assert {"event": "dadfailed_recovered", "interface": IF_A, "address": vip} in out["logs"]
+    assert out["add_again"] is False  # usable now: EEXIST is "already so" again
+    assert out["list_after"] == sorted([NODE_A4, NODE_A6, vip])
+
+    # The fake follows the same rules.
+    async def fake_run() -> list[Any]:
+        fake = FakeAddressManager({IF_A: bytes(6)})
+        fake.addresses[IF_A] |= {ipaddress.ip_interface(NODE_A4), ipaddress.ip_interface(NODE_A6)}
+        fake.mark_dadfailed(IF_A, ipaddress.ip_interface(f"{DAD_ADDR}/64"))
+        listed = sorted(str(x) for x in await fake.list_addresses(IF_A))
+        added = await fake.add(IF_A, ipaddress.ip_interface(vip))
+        again = await fake.add(IF_A, ipaddress.ip_interface(vip))
+        after = sorted(str(x) for x in await fake.list_addresses(IF_A))
+        return [listed, added, again, after, sorted(str(x) for x in fake.addresses[IF_A])]
+
+    assert asyncio.run(fake_run()) == [
+        out["list"],
+        True,
+        False,
+        out["list_after"],
+        out["list_after"],
+    ]
