@@ -56,27 +56,34 @@ def format_status(s: dict[str, Any]) -> str:
         f"node {s['node']}  cluster {s['cluster']}  {state}  "
         f"view {view['digest']} ({len(view['members'])}: {' '.join(view['members']) or '-'})"
     )
+    own_pool = s["members"][0].get("pool_digest")
     members = _table(
-        ["MEMBER", "STATE", "LAST HEARD", "INCARNATION", "FLAGS", "CONFIG"],
+        ["MEMBER", "STATE", "LAST HEARD", "INCARNATION", "FLAGS", "CONFIG", "POOL"],
         [
             [
                 m["name"],
                 m["state"],
                 "-" if m["age"] is None else f"{m['age']:.2f}s ago",
                 str(m["incarnation"] or "-"),
-                ",".join(m["flags"]) or "-",
+                ",".join(m["flags"] + (["drained"] if m.get("drained") else [])) or "-",
                 "ok" if m["config_digest_ok"] else "MISMATCH",
+                "-"
+                if m.get("pool_digest") is None
+                else "same"
+                if m.get("pool_digest") == own_pool
+                else "DIFFERS",
             ]
             for m in s["members"]
         ],
     )
     pool = _table(
-        ["GROUP", "OWNER", "HELD HERE", "INTERFACE", "ADDRESSES"],
+        ["GROUP", "OWNER", "HELD HERE", "OVERRIDE", "INTERFACE", "ADDRESSES"],
         [
             [
                 g["group"],
                 g["owner"] or "-",
                 "yes" if g["held_here"] else "",
+                _override_text(g),
                 g["interface"],
                 " ".join(g["addresses"]),
             ]
@@ -87,7 +94,41 @@ def format_status(s: dict[str, Any]) -> str:
     tail = "rejected datagrams: " + (
         ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) if rejected else "none"
     )
+    table = s.get("overrides") or {}
+    if table.get("version"):
+        tail += f"\noperator table: version {table['version']} by {table['issuer']}"
     return f"{head}\n\n{members}\n\n{pool}\n\n{tail}"
+
+
+def _override_text(g: dict[str, Any]) -> str:
+    o = g.get("override")
+    if o:
+        return f"{o['reason']} -> {o['node']}"
+    return f"prefer {','.join(g['prefer'])}" if g.get("prefer") else ""
+
+
+def _print_change(result: dict[str, Any]) -> None:
+    print(f"{result['change']} (operator table version {result['version']})")
+    if result.get("note"):
+        print(f"note: {result['note']}")
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    if (args.node is None) == (not args.auto):
+        raise SystemExit("vipctl: give either a NODE or --auto")
+    _print_change(_call(args, {"cmd": "move", "group": args.group, "node": args.node}))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    drained = args.command == "drain"
+    _print_change(_call(args, {"cmd": "drain", "node": args.node, "drained": drained}))
+    return 0
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    _print_change(_call(args, {"cmd": "rebalance"}))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -137,8 +178,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("reload", help="re-read the config: keys and log level (root/admin)")
+    p = sub.add_parser(
+        "reload", help="re-read the config: pool, keys, hooks, log level (root/admin)"
+    )
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser(
+        "move",
+        help="pin GROUP on NODE (make-before-break), or give it back to placement (--auto)",
+    )
+    p.add_argument("group")
+    p.add_argument("node", nargs="?", help="a roster member")
+    p.add_argument("--auto", action="store_true", help="clear the pin: automatic placement")
+    p.set_defaults(func=cmd_move)
+
+    for name, text in (
+        ("drain", "move every group off NODE (default: this node) and keep it off"),
+        ("undrain", "let NODE (default: this node) hold groups again"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("node", nargs="?", help="a roster member (default: this node)")
+        p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser(
+        "rebalance", help="let go of the pins a pool reload made (those groups may move)"
+    )
+    p.set_defaults(func=cmd_rebalance)
 
     p = sub.add_parser("keygen", help="create a node key and print its roster entry")
     p.add_argument("--name", required=True, help="the node's roster name")

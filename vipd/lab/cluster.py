@@ -103,6 +103,7 @@ class LabCluster:
         write: bool = True,
         transport: str = "multicast",
         accept_from: Sequence[str] | None = None,
+        extra_toml: str = "",
     ) -> None:
         self.lab = lab
         self.nodes = list(nodes) if nodes is not None else lab.node_names
@@ -116,6 +117,7 @@ class LabCluster:
         self.cluster_name = cluster_name
         self.transport = transport
         self.accept_from = list(accept_from) if accept_from is not None else None
+        self.extra_toml = extra_toml  # appended verbatim: [hooks], [announce] ...
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
         self.public_keys: dict[str, str] = {}
@@ -162,6 +164,11 @@ class LabCluster:
             if key.exists():
                 key.unlink()  # a fresh identity per run; generate_key_file refuses to overwrite
             self.public_keys[node] = public_key_line(generate_key_file(key))
+        self.rewrite_configs()
+
+    def rewrite_configs(self) -> None:
+        """Write every node's config from the current settings (`pool`...), keys unchanged:
+        edit, rewrite, then reload the daemons."""
         for node in self.nodes:
             self.config_path(node).write_text(self.config_text(node))
 
@@ -216,6 +223,7 @@ class LabCluster:
             # Readable lines: these logs are read by people when a lab run goes wrong.
             'format = "console"',
             "",
+            self.extra_toml,
         ]
         return "\n".join(lines)
 
