@@ -42,7 +42,7 @@ Exact checks
 ------------
 - I1 coverage (when stable): for every pool address, if the live set has quorum under the
   partition policy there is exactly one holder, it is live, it is the owner that placement
-  gives (`controller.owners(view)`, common by I4), and (I1-client) the client's neighbour
+  gives (`controller.owners(core)`, common by I4), and (I1-client) the client's neighbour
   entry points at it; without quorum ("majority" minority) there is no holder at all.
 - I2 no gap on planned change (always): every pool address has at least one holder (ghosts
   count: their kernel answers), unless within `converge` after an unplanned fault, or after a
@@ -61,7 +61,7 @@ Exact checks
   `tests.sim.simulator`) points at the holder that kept it: the survivor of a heal
   re-announces after the other holder's frames.
 - I4 determinism (when stable): every live daemon not passive for a config mismatch has the
-  same view digest and the same `controller.owners(core.view)`, and that view's members are
+  same view digest and the same `controller.owners(core)`, and that view's members are
   exactly the live daemons not in hold-down (all of them if every one is).
 - I5 balance (when stable, equal weights, quorum): the numbers of groups the placed members
   hold differ by at most one.
@@ -96,8 +96,8 @@ KNOWN_DEFECTS: dict[str, str] = {
     "K6": "after a heal, a group held on both sides whose owner in the merged view is still "
     "in its startup wait stays doubly held until that owner is ready (up to startup_wait, "
     "more than one settle time with the fast profile)",  # fixed with seed 4189's K2
-    # Open (seed 416): needs the DESIGN's "announce again whenever another MAC is seen
-    # answering for an address we hold" (an ARP/NA listener), which heartbeats cannot replace.
+    # Seed 416; fixed by the conflict listener ("announce again whenever another MAC is seen
+    # answering for an address we hold"), which heartbeats cannot replace.
     "K7": "a node cut off from the holder (heartbeats only, policy 'all') claims its groups and "
     "pulls the client over, then dies before the partition heals: the holder never sees an "
     "overlap and nothing re-announces, so the client stays on the dead node's MAC",
@@ -109,7 +109,7 @@ KNOWN_DEFECTS: dict[str, str] = {
 }
 
 #: Known and not fixed yet; each has a strict-xfail reproduction in test_defects.py.
-OPEN_DEFECTS = frozenset({"K7"})
+OPEN_DEFECTS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,7 @@ class Checker:
             proc = self.sim.nodes[name].proc
             if proc is None:
                 continue
-            owner = proc.controller.owners(proc.core.view).get(group)
+            owner = proc.controller.owners(proc.core).get(group)
             joiner = self.sim.nodes[owner].proc if owner else None
             if owner != name and joiner is not None and not joiner.core.ready:
                 return "K6"
@@ -462,7 +462,7 @@ class Checker:
             return
         ref = active[0]
         digest = ref.core.view.digest
-        owners = ref.controller.owners(ref.core.view)
+        owners = ref.controller.owners(ref.core)
         for p in active[1:]:
             if p.core.view.digest != digest:
                 self.fail(
@@ -470,7 +470,7 @@ class Checker:
                     f"{p.name} view {p.core.view.members} != {ref.name} view "
                     f"{ref.core.view.members}",
                 )
-            elif p.controller.owners(p.core.view) != owners:
+            elif p.controller.owners(p.core) != owners:
                 self.fail("I4", f"{p.name} places the pool differently from {ref.name}")
         not_held_down = [p.name for p in active if p.core.holddown_until is None]
         placed = sorted(not_held_down or [p.name for p in active])

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.sim.cluster import ClusterSpec, node_key, node_public_key
+from vipd.arp.defend import DefendPolicy
 from vipd.config import Config, IPInterface
 from vipd.controller import Controller
 from vipd.daemon import STOP_GRACE
@@ -129,6 +130,7 @@ class Proc:
     _held: frozenset[str] | None = None  # cache of held_groups(); reset when `actual` changes
     bursts: dict[str, int] = field(default_factory=dict)  # address -> running announce schedule
     index: dict[str, int] = field(default_factory=dict)  # group name -> wire index
+    defend: DefendPolicy | None = None  # Daemon.defend (the conflict listener's rate limit)
 
     @property
     def name(self) -> str:
@@ -322,6 +324,7 @@ class Sim:
             iface, addr = texts[a]
             actual[iface].add(addr)
         proc = Proc(self._pid, node, core, Controller(node.config), actual)
+        proc.defend = DefendPolicy(node.config.announce.defend_interval)
         proc.index = {g.name: i for i, g in enumerate(node.config.pool)}
         node.proc = proc
         self.log(
@@ -718,8 +721,57 @@ class Sim:
             # A repeat is a loop timer: it goes out when the loop runs again.
             self.at(node.stalled_until, lambda: self._garp(proc, address, gen))
             return
+        self._frame(proc, address)
+
+    def _frame(self, proc: Proc, address: str) -> None:
+        """An announcement frame leaves `proc`: the client's entry now points there, and
+        every other running daemon's conflict listener hears it (one L2 segment)."""
         self.announcements.setdefault(address, []).append((self.now, proc.name))
         self.client_arp[address] = proc.name
+        for other in self.procs():
+            if other is proc or not other.open:
+                continue
+            if other.node.stalled_until is not None:  # its loop reads the frame on resume
+                self.at(other.node.stalled_until, partial(self._sighting, other, address))
+            else:
+                self._sighting(other, address)
+
+    def _group_of(self, proc: Proc, address: str) -> str | None:
+        for g in proc.node.config.pool:
+            if any(str(a) == address for a in g.addresses):
+                return g.name
+        return None
+
+    def _defends(self, proc: Proc, address: str) -> bool:
+        """`Daemon._defending`: owned by placement and held."""
+        group = self._group_of(proc, address)
+        return group is not None and group in proc.controller.owned & proc.held_groups()
+
+    def _sighting(self, proc: Proc, address: str) -> None:
+        """`Daemon._on_sighting`: another MAC announced an address: defend it now or when
+        the defend interval ends."""
+        assert proc.defend is not None
+        ip = ipaddress.ip_interface(address).ip
+        if not self._defends(proc, address):
+            proc.defend.forget(ip)
+            return
+        when = proc.defend.on_conflict(ip, self.now)
+        if when is not None:
+            self.at(when, partial(self._defend, proc, address))
+
+    def _defend(self, proc: Proc, address: str) -> None:
+        """`Daemon._defend_address`: one announcement (`announce_once`), schedule untouched."""
+        if not self._alive(proc) or proc.node.proc is not proc or proc.exiting:
+            return
+        if proc.node.stalled_until is not None:
+            self.at(proc.node.stalled_until, partial(self._defend, proc, address))
+            return
+        if not self._defends(proc, address):
+            return
+        assert proc.defend is not None
+        proc.defend.defended(ipaddress.ip_interface(address).ip, self.now)
+        self.log(proc.name, f"defend {address}")
+        self._frame(proc, address)
 
     # --- views for the checker and the tests -------------------------------------------------
 

@@ -212,7 +212,6 @@ def test_k6_after_a_heal_one_holder_within_one_settle_time_even_if_the_owner_is_
     assert result.violations == [], "\n".join(map(str, result.violations[:3]))
 
 
-@pytest.mark.xfail(strict=True, reason="K7: no ARP/NA listener; open (issue 5)")
 def test_k7_client_returns_to_the_holder_after_the_node_that_pulled_it_away_dies() -> None:
     """Seed 416 (lan, replay: VIPD_SIM_SEED=416): policy "all", partition {n01, n02} | {n03}
     that stops heartbeats but not the client. n02 loses n03, claims n03's groups and announces
@@ -222,8 +221,10 @@ def test_k7_client_returns_to_the_holder_after_the_node_that_pulled_it_away_dies
     own neighbour entry times out (Linux: ~30-60 s of NUD probing; some routers: hours).
 
     Heartbeats cannot fix this; the design's "announce again whenever another MAC is seen
-    answering for an address we hold" can: n03 would see n02's frames for its own addresses
-    and answer after them. Open until that listener exists (issue 5)."""
+    answering for an address we hold" can. Fixed by the conflict listener
+    (`vipd.arp.listener`, `vipd.arp.defend`): n03 sees n02's frames for addresses it owns and
+    answers each, at most once per announce.defend_interval and always after the last one,
+    so the last word is n03's when n02 dies."""
     result = run_seed(416, write_trace=False)
     assert result.violations == [], "\n".join(map(str, result.violations[:3]))
 
