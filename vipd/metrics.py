@@ -29,6 +29,11 @@ COUNTERS = {
     "config_mismatch": ("vipd_config_mismatches", "Peers seen with a different config digest."),
     "self_disruptions": ("vipd_self_disruptions", "Times this node was cut off (flaps)."),
     "holddowns": ("vipd_holddowns", "Times this node held itself out of placement."),
+    "conflicts": ("vipd_address_conflicts", "Frames from another MAC claiming an owned address."),
+    "defences": ("vipd_address_defences", "Owned addresses announced again after a conflict."),
+    "refreshes": ("vipd_announce_refreshes", "Addresses announced by the periodic refresh."),
+    "notify_sent": ("vipd_notify_frames", "Directed frames sent to the notify list."),
+    "notify_dropped": ("vipd_notify_dropped", "Notify frames dropped (queue full)."),
 }
 
 
@@ -46,6 +51,12 @@ class StatusCollector(Collector):
         counters = s["counters"]
         for key, (name, text) in COUNTERS.items():
             yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+        hooks = CounterMetricFamily(
+            "vipd_hooks", "Hook runs, by outcome (run counts every attempt).", labels=["outcome"]
+        )
+        for outcome, n in sorted(counters.get("hooks", {}).items()):
+            hooks.add_metric([outcome], n)
+        yield hooks
         rejected = CounterMetricFamily(
             "vipd_datagrams_rejected", "Datagrams refused, by reason.", labels=["reason"]
         )

@@ -24,7 +24,14 @@ STATUS = {
         {"name": "n3", "state": "dead", "age": 9.5, "config_digest_ok": False},
     ],
     "pool": [{"group": "www1", "held_here": True}, {"group": "www2", "held_here": False}],
-    "counters": {"rx_accepted": 7, "claims": 1, "rejected": {"bad_signature": 3, "replay": 0}},
+    "counters": {
+        "rx_accepted": 7,
+        "claims": 1,
+        "conflicts": 2,
+        "defences": 1,
+        "rejected": {"bad_signature": 3, "replay": 0},
+        "hooks": {"run": 4, "failed": 1, "timed_out": 0, "dropped": 0},
+    },
     "announcements": {"203.0.113.11/32": 10},
 }
 
@@ -53,6 +60,10 @@ def test_snapshot_becomes_metrics() -> None:
         "vipd_view_members 2.0",
         'vipd_announce_frames_total{address="203.0.113.11/32"} 10.0',
         "vipd_config_passive 0.0",
+        "vipd_address_conflicts_total 2.0",
+        "vipd_address_defences_total 1.0",
+        'vipd_hooks_total{outcome="failed"} 1.0',
+        'vipd_hooks_total{outcome="run"} 4.0',
     ):
         assert line in text, line
 
