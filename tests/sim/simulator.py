@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.sim.cluster import ClusterSpec, node_key, node_public_key
-from vipd.arp.defend import DefendPolicy
+from vipd.arp.defend import DefendPolicy, IPAddress
 from vipd.config import Config, IPInterface
 from vipd.controller import Controller
 from vipd.daemon import STOP_GRACE
@@ -237,6 +237,7 @@ class Sim:
         #: Ground truth index: address text -> machines whose kernel has it.
         self.kernel_index: dict[str, set[str]] = {}
         self._texts: dict[int, dict[str, tuple[str, IPInterface]]] = {}
+        self._listen_keys: dict[int, dict[str, tuple[str, IPAddress]]] = {}
         self.cuts: set[tuple[str, str]] = set()
         self.background_loss = self.net.loss
         self.counters: dict[str, int] = {"delivered": 0, "lost": 0, "cut": 0, "rcvbuf_drops": 0}
@@ -736,24 +737,35 @@ class Sim:
             else:
                 self._sighting(other, address)
 
-    def _group_of(self, proc: Proc, address: str) -> str | None:
-        for g in proc.node.config.pool:
-            if any(str(a) == address for a in g.addresses):
-                return g.name
-        return None
+    def _listened(self, config: Config) -> dict[str, tuple[str, IPAddress]]:
+        """address text -> (group, bare address) for a config's pool (cached per pool)."""
+        key = id(config.pool)
+        if key not in self._listen_keys:
+            self._listen_keys[key] = {
+                str(a): (g.name, a.ip) for g in config.pool for a in g.addresses
+            }
+        return self._listen_keys[key]
 
     def _defends(self, proc: Proc, address: str) -> bool:
         """`Daemon._defending`: owned by placement and held."""
-        group = self._group_of(proc, address)
-        return group is not None and group in proc.controller.owned & proc.held_groups()
+        entry = self._listened(proc.node.config).get(address)
+        return (
+            entry is not None
+            and entry[0] in proc.controller.owned
+            and entry[0] in proc.held_groups()
+        )
 
     def _sighting(self, proc: Proc, address: str) -> None:
         """`Daemon._on_sighting`: another MAC announced an address: defend it now or when
         the defend interval ends."""
         assert proc.defend is not None
-        ip = ipaddress.ip_interface(address).ip
+        entry = self._listened(proc.node.config).get(address)
+        if entry is None:
+            return
+        ip = entry[1]
         if not self._defends(proc, address):
-            proc.defend.forget(ip)
+            if len(proc.defend):
+                proc.defend.forget(ip)
             return
         when = proc.defend.on_conflict(ip, self.now)
         if when is not None:
@@ -769,7 +781,7 @@ class Sim:
         if not self._defends(proc, address):
             return
         assert proc.defend is not None
-        proc.defend.defended(ipaddress.ip_interface(address).ip, self.now)
+        proc.defend.defended(self._listened(proc.node.config)[address][1], self.now)
         self.log(proc.name, f"defend {address}")
         self._frame(proc, address)
 
