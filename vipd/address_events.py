@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import os
 import select
 import threading
@@ -61,6 +60,7 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_IPV6_IFADDR,
 )
 
+from vipd.addresses import ifa_address, ifa_flags
 from vipd.config import IPInterface
 
 GROUPS = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
@@ -117,20 +117,14 @@ def change_from_message(msg: Any) -> AddressChange | None:
         kind = "del"
     else:
         return None
-    # IFA_LOCAL is our side; IFA_ADDRESS is the peer on point-to-point links (and the only
-    # one for IPv6).
-    text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-    if not text:
-        return None
+    address = ifa_address(msg)
     try:
-        address = ipaddress.ip_interface(f"{text}/{msg['prefixlen']}")
         ifindex = int(msg["index"])
     except (KeyError, TypeError, ValueError):
         return None
-    flags = msg.get("IFA_FLAGS")
-    if flags is None:
-        flags = msg.get("flags") or 0
-    return AddressChange(kind, ifindex, address, int(flags))
+    if address is None:
+        return None
+    return AddressChange(kind, ifindex, address, ifa_flags(msg))
 
 
 class AddressWatcher:

@@ -309,8 +309,9 @@ class NetlinkAddressManager:
         for msg in list(ipr.addr("dump", index=index, family=socket.AF_INET6)):
             if (
                 msg.get("index") == index
-                and _flags(msg) & IFA_F_DADFAILED
-                and ipaddress.ip_address(msg.get("IFA_ADDRESS") or "::") == address.ip
+                and ifa_flags(msg) & IFA_F_DADFAILED
+                and (found := ifa_address(msg)) is not None
+                and found.ip == address.ip
             ):
                 dead = msg
                 break
@@ -371,8 +372,8 @@ class NetlinkAddressManager:
         return mac
 
 
-def _flags(msg: Any) -> int:
-    """IFA_F_* bits: IFA_FLAGS (all 32) when present, else the header's 8."""
+def ifa_flags(msg: Any) -> int:
+    """IFA_F_* bits of an ifaddrmsg: IFA_FLAGS (all 32) when present, else the header's 8."""
     flags = msg.get("IFA_FLAGS")
     if flags is None:
         flags = msg.get("flags") or 0
@@ -383,16 +384,26 @@ def _parse_addresses(msgs: Iterable[Any], index: int) -> Iterable[IPInterface]:
     for msg in msgs:
         if msg.get("index") != index or msg.get("scope") != RT_SCOPE_UNIVERSE:
             continue
-        if _flags(msg) & IFA_F_DADFAILED:
+        if ifa_flags(msg) & IFA_F_DADFAILED:
             continue  # the kernel never uses it: for the daemon the address is missing
-        # IFA_LOCAL is our side; IFA_ADDRESS is the peer on point-to-point links.
-        text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-        if not text:
-            continue
-        iface = ipaddress.ip_interface(f"{text}/{msg['prefixlen']}")
-        if iface.version == 6 and iface.ip in _LINK_LOCAL_V6:
+        iface = ifa_address(msg)
+        if iface is None or (iface.version == 6 and iface.ip in _LINK_LOCAL_V6):
             continue
         yield iface
+
+
+def ifa_address(msg: Any) -> IPInterface | None:
+    """The address (with prefix length) of an ifaddrmsg; None if it has none or is garbled.
+
+    IFA_LOCAL is our side; IFA_ADDRESS is the peer on point-to-point links (and the only one
+    for IPv6)."""
+    text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_interface(f"{text}/{msg['prefixlen']}")
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class FakeAddressManager:
