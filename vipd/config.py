@@ -343,6 +343,18 @@ class _Reader:
             )
         return v
 
+    def networks(self, value: Any, key: str, fix: str, *, empty_ok: bool) -> tuple[IPNetwork, ...]:
+        """A list of networks (a bare address is its /32 or /128), each checked strictly."""
+        if not isinstance(value, list) or not (value or empty_ok):
+            raise self.fail(key, f"{value!r} is not a{'' if empty_ok else ' non-empty'} list", fix)
+        networks = []
+        for i, text in enumerate(value):
+            try:
+                networks.append(ipaddress.ip_network(str(text), strict=True))
+            except ValueError as e:
+                raise self.fail(f"{key}[{i}]", f"{text!r}: {e}", fix) from None
+        return tuple(networks)
+
     def number(self, value: Mapping[str, Any], key: str, where: str, default: float) -> float:
         v = value.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
@@ -693,27 +705,26 @@ def _parse_announce(r: _Reader, a: Mapping[str, Any]) -> Announce:
     router = a.get("na_router", False)
     if not isinstance(router, bool):
         raise r.fail("announce.na_router", f"{router!r} is not true or false", "use true/false")
-    notify: list[IPNetwork] = []
-    raw_notify = a.get("notify", [])
-    if not isinstance(raw_notify, list):
-        raise r.fail("announce.notify", f"{raw_notify!r} is not a list", 'e.g. ["198.51.100.1"]')
-    for i, text in enumerate(raw_notify):
-        key = f"announce.notify[{i}]"
-        try:
-            net = ipaddress.ip_network(str(text), strict=True)
-        except ValueError as e:
-            fix = 'write a host or a network, e.g. "198.51.100.1"'
-            raise r.fail(key, f"{text!r}: {e}", fix) from None
+    notify = r.networks(
+        a.get("notify", []),
+        "announce.notify",
+        'write hosts or networks, e.g. ["198.51.100.1"]',
+        empty_ok=True,
+    )
+    for i, net in enumerate(notify):
         if net.is_multicast or net.num_addresses > 4096:
-            raise r.fail(key, f"{net} is multicast or larger than 4096 hosts", "use a /20 or less")
-        notify.append(net)
+            raise r.fail(
+                f"announce.notify[{i}]",
+                f"{net} is multicast or larger than 4096 hosts",
+                "use a /20 or less",
+            )
     rate = r.number(a, "notify_rate", "announce", defaults.notify_rate)
     return Announce(
         schedule=tuple(sorted(float(s) for s in schedule)),
         refresh_interval=float(refresh),
         defend_interval=defend,
         na_router=router,
-        notify=tuple(notify),
+        notify=notify,
         notify_rate=rate,
     )
 
@@ -747,14 +758,5 @@ def _parse_accept_from(
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
     if value is None:
         return None
-    key = "cluster.accept_from"
-    if not isinstance(value, list) or not value:
-        raise r.fail(key, f"{value!r} is not a non-empty list", 'e.g. ["198.51.100.0/24"]')
-    networks = []
-    for i, text in enumerate(value):
-        try:
-            networks.append(ipaddress.ip_network(str(text), strict=True))
-        except ValueError as e:
-            fix = "write a network, e.g. 198.51.100.0/24"
-            raise r.fail(f"{key}[{i}]", f"{text!r}: {e}", fix) from None
-    return tuple(networks)
+    fix = 'write networks, e.g. ["198.51.100.0/24"]'
+    return r.networks(value, "cluster.accept_from", fix, empty_ok=False)
