@@ -103,6 +103,7 @@ class Daemon:
         self.hooks = HookRunner(config.hooks, config.node)
         self.defend = DefendPolicy(config.announce.defend_interval)
         self._defending: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+        self._watched_groups: frozenset[str] | None = None  # what _defending was built from
         self._macs: dict[str, bytes] = {}  # interface -> our MAC, for the conflict listener
         self._reconcile_now = asyncio.Event()
         self._apply_lock = asyncio.Lock()
@@ -232,6 +233,7 @@ class Daemon:
         self._retired += [g for g in old.pool if after.get(g.name) != g]
         self.config = new
         self._index_pool()
+        self._watched_groups = None  # a kept group may have other addresses now
         self._dirty.set()
         return pins
 
@@ -307,7 +309,8 @@ class Daemon:
 
     def _replan(self, now: float) -> None:
         core = self.core
-        decision = self.controller.decide(core, self._held_groups(), now)
+        held = self._held_groups()
+        decision = self.controller.decide(core, held, now)
         view = core.view.digest_hex
         for o in decision.outcomes:
             level = log.warning if o.how in ("timeout", "stalled") else log.info
@@ -332,17 +335,18 @@ class Daemon:
         if decision.hold != self.target:
             self.target = decision.hold
             self._dirty.set()
-        self._watch_conflicts()
+        self._watch_conflicts(held)
 
-    def _watch_conflicts(self) -> None:
+    def _watch_conflicts(self, held: frozenset[str]) -> None:
         """Listen for other MACs on the addresses we own and hold (and only those: a group
         being handed over must not be pulled back from its new owner)."""
-        mine = self.controller.owned & self._held_groups()
+        mine = self.controller.owned & held
+        if mine == self._watched_groups:
+            return  # almost every step: nothing to re-arm
+        self._watched_groups = mine
         defending = {a.ip: g.name for g in self.config.pool if g.name in mine for a in g.addresses}
         for ip in self._defending.keys() - defending.keys():
             self.defend.forget(ip)
-        if defending == self._defending:
-            return
         self._defending = defending
         by_iface: dict[str, set[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {
             iface: set() for iface in self.actual
@@ -374,15 +378,22 @@ class Daemon:
             self.loop.call_at(when, self._defend_address, sighting.address)
 
     def _defend_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        if not self._announce_once(ip):
+            return  # released or handed over meanwhile
+        self.defend.defended(ip, self.loop.time())
+        self.core.counters["defences"] += 1
+
+    def _announce_once(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """One announcement of an address we own and hold (defence, refresh); False if we
+        no longer do."""
         name = self._defending.get(ip)
         if name is None:
-            return  # released or handed over meanwhile
+            return False
         group = self.config.pool[self.pool_index[name]]
         for address in group.addresses:
             if address.ip == ip:
                 self.announcer.announce_once(group.interface, address)
-        self.defend.defended(ip, self.loop.time())
-        self.core.counters["defences"] += 1
+        return True
 
     def _held_groups(self) -> frozenset[str]:
         """Groups with every address present in the kernel."""
@@ -569,7 +580,7 @@ class Daemon:
                 continue  # reported by the listing; the listener still skips outgoing frames
             if self._macs.get(iface) != mac:
                 self._macs[iface] = mac
-                self._defending = {}  # re-arm the listener with the new MAC
+                self._watched_groups = None  # re-arm the listener with the new MAC
 
     def _on_address_change(self, change: AddressChange | Resync) -> None:
         # Resync: netlink dropped notifications (overflow), so anything may have changed.
@@ -584,12 +595,9 @@ class Daemon:
             await asyncio.sleep(interval or 3600.0)
             if not interval:
                 continue
-            for ip, name in list(self._defending.items()):
-                group = self.config.pool[self.pool_index[name]]
-                for address in group.addresses:
-                    if address.ip == ip:
-                        self.announcer.announce_once(group.interface, address)
-                self.core.counters["refreshes"] += 1
+            for ip in list(self._defending):
+                if self._announce_once(ip):
+                    self.core.counters["refreshes"] += 1
 
     async def _stats_loop(self) -> None:
         """Once a second: our load figures into the heartbeat, a snapshot to the exporter."""
