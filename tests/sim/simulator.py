@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.sim.cluster import ClusterSpec, node_key, node_public_key
-from vipd.arp.defend import DefendPolicy, IPAddress
+from vipd.arp.defend import DefendPolicy
 from vipd.config import Config, IPInterface
 from vipd.controller import Controller
 from vipd.daemon import STOP_GRACE
@@ -236,8 +236,7 @@ class Sim:
         self.pool_text = [(g.name, tuple(str(a) for a in g.addresses)) for g in self.pool]
         #: Ground truth index: address text -> machines whose kernel has it.
         self.kernel_index: dict[str, set[str]] = {}
-        self._texts: dict[int, dict[str, tuple[str, IPInterface]]] = {}
-        self._listen_keys: dict[int, dict[str, tuple[str, IPAddress]]] = {}
+        self._texts: dict[int, dict[str, tuple[str, str, IPInterface]]] = {}
         self.cuts: set[tuple[str, str]] = set()
         self.background_loss = self.net.loss
         self.counters: dict[str, int] = {"delivered": 0, "lost": 0, "cut": 0, "rcvbuf_drops": 0}
@@ -322,7 +321,7 @@ class Sim:
         texts = self._pool_texts(node.config)
         stale = sorted(a for a in node.kernel if a in texts)
         for a in stale:
-            iface, addr = texts[a]
+            _, iface, addr = texts[a]
             actual[iface].add(addr)
         proc = Proc(self._pid, node, core, Controller(node.config), actual)
         proc.defend = DefendPolicy(node.config.announce.defend_interval)
@@ -737,18 +736,9 @@ class Sim:
             else:
                 self._sighting(other, address)
 
-    def _listened(self, config: Config) -> dict[str, tuple[str, IPAddress]]:
-        """address text -> (group, bare address) for a config's pool (cached per pool)."""
-        key = id(config.pool)
-        if key not in self._listen_keys:
-            self._listen_keys[key] = {
-                str(a): (g.name, a.ip) for g in config.pool for a in g.addresses
-            }
-        return self._listen_keys[key]
-
     def _defends(self, proc: Proc, address: str) -> bool:
         """`Daemon._defending`: owned by placement and held."""
-        entry = self._listened(proc.node.config).get(address)
+        entry = self._pool_texts(proc.node.config).get(address)
         return (
             entry is not None
             and entry[0] in proc.controller.owned
@@ -759,10 +749,10 @@ class Sim:
         """`Daemon._on_sighting`: another MAC announced an address: defend it now or when
         the defend interval ends."""
         assert proc.defend is not None
-        entry = self._listened(proc.node.config).get(address)
+        entry = self._pool_texts(proc.node.config).get(address)
         if entry is None:
             return
-        ip = entry[1]
+        ip = entry[2].ip
         if not self._defends(proc, address):
             if len(proc.defend):
                 proc.defend.forget(ip)
@@ -781,7 +771,7 @@ class Sim:
         if not self._defends(proc, address):
             return
         assert proc.defend is not None
-        proc.defend.defended(self._listened(proc.node.config)[address][1], self.now)
+        proc.defend.defended(self._pool_texts(proc.node.config)[address][2].ip, self.now)
         self.log(proc.name, f"defend {address}")
         self._frame(proc, address)
 
@@ -790,11 +780,13 @@ class Sim:
     def procs(self) -> list[Proc]:
         return [n.proc for n in (self.nodes[k] for k in self.order) if n.proc and n.machine_up]
 
-    def _pool_texts(self, config: Config) -> dict[str, tuple[str, IPInterface]]:
-        """address text -> (interface, address) for a config's pool (cached per pool)."""
+    def _pool_texts(self, config: Config) -> dict[str, tuple[str, str, IPInterface]]:
+        """address text -> (group, interface, address) for a config's pool (cached per pool)."""
         key = id(config.pool)
         if key not in self._texts:
-            self._texts[key] = {str(a): (g.interface, a) for g in config.pool for a in g.addresses}
+            self._texts[key] = {
+                str(a): (g.name, g.interface, a) for g in config.pool for a in g.addresses
+            }
         return self._texts[key]
 
     def holders(self, address: str) -> list[str]:

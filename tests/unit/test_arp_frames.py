@@ -197,6 +197,19 @@ class RecordingSender:
         self.closed = True
 
 
+def gated_lookup() -> tuple[Callable[[str], Awaitable[bytes]], list[str], asyncio.Event]:
+    """A MAC lookup that records each call and answers only once `gate` is set."""
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    async def lookup(interface: str) -> bytes:
+        calls.append(interface)
+        await gate.wait()
+        return MAC
+
+    return lookup, calls, gate
+
+
 class Harness:
     def __init__(
         self,
@@ -265,14 +278,7 @@ async def test_reannounce_restarts_schedule() -> None:
 
 @in_loop
 async def test_async_lookup_shared_and_cancellable() -> None:
-    calls: list[str] = []
-    gate = asyncio.Event()
-
-    async def lookup(interface: str) -> bytes:
-        calls.append(interface)
-        await gate.wait()
-        return MAC
-
+    lookup, calls, gate = gated_lookup()
     h = Harness(asyncio.get_running_loop(), (0.0,), lookup)
     h.announcer.announce("eth0", V4)
     h.announcer.announce("eth0", V6)
@@ -391,14 +397,7 @@ async def test_announce_once_leaves_running_schedule_alone() -> None:
 
 @in_loop
 async def test_announce_once_waits_for_shared_lookup_and_cancel_stops_it() -> None:
-    calls: list[str] = []
-    gate = asyncio.Event()
-
-    async def lookup(interface: str) -> bytes:
-        calls.append(interface)
-        await gate.wait()
-        return MAC
-
+    lookup, calls, gate = gated_lookup()
     h = Harness(asyncio.get_running_loop(), (0.0, 0.05), lookup)
     h.announcer.announce("eth0", V4)
     h.announcer.announce_once("eth0", V6)
