@@ -48,8 +48,8 @@ from typing import Any
 
 import structlog
 
-from vipd.addresses import NetlinkAddressManager
 from vipd.arp.announcer import RawAnnouncer
+from vipd.kernel.addresses import NetlinkAddressManager
 
 REPO = Path(__file__).resolve().parents[1]
 IFACE = "eth0"

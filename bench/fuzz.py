@@ -171,7 +171,7 @@ def run_atheris(args: argparse.Namespace, findings: Path) -> int:
             "vipd.membership.wire",
             "vipd.membership.core",
             "vipd.membership.admission",
-            "vipd.control",
+            "vipd.host.control",
         ):
             with contextlib.suppress(ImportError):  # admission: only in newer trees
                 importlib.import_module(module)

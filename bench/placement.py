@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from vipd.assign import _homes, _name_hash, assign, place
+from vipd.placement.assign import _homes, _name_hash, assign, place
 
 WeightFn = Callable[[random.Random], int]
 Placement = Mapping[str, str]

@@ -10,7 +10,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vipd.config import Config, format_public_key, parse_config
-from vipd.keys import public_key_bytes
+from vipd.host.keys import public_key_bytes
 from vipd.membership.core import MembershipCore
 
 WALL0 = 1_800_000_000.0  # a fixed Unix time for hand-stepped clocks

@@ -49,7 +49,8 @@ MAX_ROSTER = 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,14}$")
 PUBLIC_KEY_PREFIX = "ed25519:"
-#: Bump whenever vipd.assign can place the same input differently (hash, tie rules, phases).
+#: Bump whenever vipd.placement.assign can place the same input differently (hash, ties,
+#: phases).
 PLACEMENT_VERSION = 1
 
 

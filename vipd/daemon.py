@@ -23,12 +23,8 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vipd import systemd
-from vipd.address_events import AddressChange, AddressWatcher, Resync
-from vipd.addresses import AddressError, AddressManager, InterfaceMissing, NetlinkAddressManager
 from vipd.arp import frames
 from vipd.arp.announcer import Announcer, RawAnnouncer
-from vipd.arp.defend import DefendPolicy
 from vipd.arp.listener import ConflictListener, Sighting
 from vipd.config import (
     Config,
@@ -38,28 +34,37 @@ from vipd.config import (
     format_public_key,
     load_config,
 )
-from vipd.control import Caller, Command, ControlServer, RequestError
-from vipd.controller import Controller
-from vipd.hooks import HookRunner
-from vipd.keys import load_node_key, public_key_bytes
-from vipd.log import configure_logging
-from vipd.membership import events as ev
-from vipd.membership.core import MembershipCore
-from vipd.membership.driver import MembershipDriver
-from vipd.membership.transport import (
+from vipd.host import systemd
+from vipd.host.control import Caller, Command, ControlServer, RequestError
+from vipd.host.hooks import HookRunner
+from vipd.host.keys import load_node_key, public_key_bytes
+from vipd.host.log import configure_logging
+from vipd.host.metrics import StatusCollector, serve
+from vipd.host.ratelimit import RateLimitedLog
+from vipd.host.state import load_overrides, next_incarnation, save_overrides
+from vipd.host.stats import StatsCollector
+from vipd.kernel.address_events import AddressChange, AddressWatcher, Resync
+from vipd.kernel.addresses import (
+    AddressError,
+    AddressManager,
+    InterfaceMissing,
+    NetlinkAddressManager,
+)
+from vipd.kernel.netif import mac_address
+from vipd.kernel.transport import (
     TransportError,
     open_multicast_socket,
     open_unicast_socket,
 )
+from vipd.membership import events as ev
+from vipd.membership.core import MembershipCore
+from vipd.membership.driver import MembershipDriver
 from vipd.membership.wire import key_id
-from vipd.metrics import StatusCollector, serve
-from vipd.netif import mac_address
-from vipd.overrides import Overrides, OverridesError
-from vipd.ratelimit import RateLimitedLog
-from vipd.reconcile import ClaimAddress, ReleaseAddress, plan
-from vipd.reload import ReloadRefused, reload_changes
-from vipd.state import load_overrides, next_incarnation, save_overrides
-from vipd.stats import StatsCollector
+from vipd.node.defend import DefendPolicy
+from vipd.node.reload import ReloadRefused, reload_changes
+from vipd.placement.controller import Controller
+from vipd.placement.handover import ClaimAddress, ReleaseAddress, plan
+from vipd.placement.overrides import Overrides, OverridesError
 
 log = structlog.get_logger("vipd")
 
@@ -188,7 +193,7 @@ class Daemon:
         self._step()
 
     def reload(self) -> list[str]:
-        """Re-read the config file and apply what may change live (`vipd.reload`); on any
+        """Re-read the config file and apply what may change live (`vipd.node.reload`); on any
         error nothing is applied and the daemon runs on as before. Returns the changes."""
         new = load_config(self.config.path)
         changes = reload_changes(self.config, new)

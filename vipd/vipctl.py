@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from vipd.config import ConfigError, load_config
-from vipd.control import request
-from vipd.keys import generate_key_file, public_key_line
+from vipd.host.control import request
+from vipd.host.keys import generate_key_file, public_key_line
 
 DEFAULT_SOCKET = Path("/run/vipd/vipd.sock")
 

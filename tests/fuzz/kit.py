@@ -32,14 +32,14 @@ from hypothesis import HealthCheck, settings
 
 from tests.clusterkit import WALL0, Node, config_dict
 from vipd.config import parse_config
-from vipd.control import Caller, Command, ControlServer
-from vipd.keys import public_key_bytes
+from vipd.host.control import Caller, Command, ControlServer
+from vipd.host.keys import public_key_bytes
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore, View
 from vipd.membership.driver import MAX_READS_PER_WAKEUP, RECV_BUFFER
 from vipd.membership.events import PacketRejected
 from vipd.membership.wire import TLV, DecodeError, Flag, Heartbeat, Reject, Stats
-from vipd.overrides import MAX_ENTRIES, REASONS, Move, Overrides, OverridesError
+from vipd.placement.overrides import MAX_ENTRIES, REASONS, Move, Overrides, OverridesError
 
 CORPUS = Path(__file__).parent / "corpus"
 GROUPS = 6

@@ -53,7 +53,7 @@ from tests.fuzz.kit import (
 )
 from vipd.membership import wire
 from vipd.membership.wire import TLV, DecodeError, Flag, Stats
-from vipd.overrides import Move, Overrides
+from vipd.placement.overrides import Move, Overrides
 
 #: Ed25519's group order: S and S + L verify the same under a lax verifier.
 ED25519_L = 2**252 + 27742317777372353535851937790883648493

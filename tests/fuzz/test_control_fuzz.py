@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz import kit
 from tests.fuzz.kit import ROOT, USER, ControlHarness, FakeCommands, check_reply, fuzz_settings
-from vipd import control
+from vipd.host import control
 
 CORPUS = kit.corpus("control")
 INDEX = kit.corpus_index("control")

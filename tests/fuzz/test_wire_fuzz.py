@@ -50,11 +50,11 @@ from tests.fuzz.kit import (
     seal,
     sign,
 )
-from vipd.keys import public_key_bytes
+from vipd.host.keys import public_key_bytes
 from vipd.membership import wire
 from vipd.membership.driver import MAX_READS_PER_WAKEUP
 from vipd.membership.wire import TLV, DecodeError, Flag, Reject
-from vipd.overrides import Overrides, OverridesError
+from vipd.placement.overrides import Overrides, OverridesError
 
 CORPUS = kit.corpus("wire")
 INDEX = kit.corpus_index("wire")

@@ -29,7 +29,7 @@ import pytest
 
 from tests.netns.conftest import NETNS_SKIP_REASON, netns_available
 from tests.netns.veth import ip, ip_json, namespaces, start_in
-from vipd.address_events import (
+from vipd.kernel.address_events import (
     AddressChange,
     AddressEvent,
     AddressWatcher,
@@ -150,7 +150,7 @@ class FakeSocket:
 
 
 def test_socket_errors_reopen_with_backoff_then_resync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("vipd.address_events.IPRSocket", FakeSocket)
+    monkeypatch.setattr("vipd.kernel.address_events.IPRSocket", FakeSocket)
     monkeypatch.setattr(FakeSocket, "opened", [])
     monkeypatch.setattr(FakeSocket, "open_failures", 2)
 
@@ -204,7 +204,7 @@ def test_socket_errors_reopen_with_backoff_then_resync(monkeypatch: pytest.Monke
 def test_a_bug_in_the_reader_starts_over_instead_of_going_deaf(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("vipd.address_events.IPRSocket", FakeSocket)
+    monkeypatch.setattr("vipd.kernel.address_events.IPRSocket", FakeSocket)
     monkeypatch.setattr(FakeSocket, "opened", [])
     monkeypatch.setattr(FakeSocket, "open_failures", 0)
     real = change_from_message
@@ -216,7 +216,7 @@ def test_a_bug_in_the_reader_starts_over_instead_of_going_deaf(
             raise RuntimeError("a bug")
         return real(msg)
 
-    monkeypatch.setattr("vipd.address_events.change_from_message", buggy)
+    monkeypatch.setattr("vipd.kernel.address_events.change_from_message", buggy)
 
     async def main() -> list[AddressEvent]:
         events: list[AddressEvent] = []
@@ -258,7 +258,7 @@ def ns() -> Iterator[str]:
 WATCH_SNIPPET = """
 import asyncio, json, subprocess, sys, threading, time
 import structlog
-from vipd.address_events import AddressWatcher, Resync
+from vipd.kernel.address_events import AddressWatcher, Resync
 
 args = json.loads(sys.argv[1])
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.netns.veth import REPO, VethPair, ip, ip_json, snippet_argv, start_in, veth_pair
-from vipd.addresses import AddressError, FakeAddressManager, InterfaceMissing
+from vipd.kernel.addresses import AddressError, FakeAddressManager, InterfaceMissing
 
 pytestmark = [
     pytest.mark.netns,
@@ -90,7 +90,7 @@ SEQUENCE: list[tuple[str, str, str | None]] = [
 
 SEQUENCE_SNIPPET = """
 import asyncio, ipaddress, json, sys
-from vipd.addresses import AddressError, NetlinkAddressManager
+from vipd.kernel.addresses import AddressError, NetlinkAddressManager
 
 async def main():
     mgr = NetlinkAddressManager()
@@ -152,7 +152,7 @@ def test_add_remove_idempotent_and_fake_agrees(pair: VethPair) -> None:
 
 ADDRESS_SNIPPET = """
 import asyncio, ipaddress, json, subprocess, sys
-from vipd.addresses import AddressError, InterfaceMissing, NetlinkAddressManager
+from vipd.kernel.addresses import AddressError, InterfaceMissing, NetlinkAddressManager
 
 a = json.loads(sys.argv[1])
 
@@ -276,7 +276,7 @@ def test_sender_survives_recreated_and_missing_interfaces(pair: VethPair) -> Non
 
 ANNOUNCE_SNIPPET = """
 import asyncio, ipaddress, json, sys
-from vipd.addresses import NetlinkAddressManager
+from vipd.kernel.addresses import NetlinkAddressManager
 from vipd.arp.announcer import RawAnnouncer
 
 a = json.loads(sys.argv[1])
@@ -368,7 +368,7 @@ def test_interface_missing_is_an_address_error() -> None:
 
 MAC_CHANGE_SNIPPET = """
 import asyncio, ipaddress, json, subprocess, sys
-from vipd.addresses import NetlinkAddressManager
+from vipd.kernel.addresses import NetlinkAddressManager
 from vipd.arp.announcer import RawAnnouncer
 
 a = json.loads(sys.argv[1])
@@ -409,7 +409,7 @@ DAD_ADDR = "2001:db8:0:1::77"
 DADFAILED_SNIPPET = """
 import asyncio, ipaddress, json, subprocess, sys
 from structlog.testing import capture_logs
-from vipd.addresses import NetlinkAddressManager
+from vipd.kernel.addresses import NetlinkAddressManager
 
 a = json.loads(sys.argv[1])
 

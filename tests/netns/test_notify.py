@@ -115,7 +115,7 @@ def neighbour_mac(ns: str, address: str) -> str | None:
 
 ANNOUNCER_SNIPPET = """
 import asyncio, ipaddress, json, sys
-from vipd.addresses import NetlinkAddressManager
+from vipd.kernel.addresses import NetlinkAddressManager
 from vipd.arp.announcer import RawAnnouncer
 
 a = json.loads(sys.argv[1])

@@ -31,8 +31,8 @@ from scapy.packet import Raw
 
 from tests.netns.conftest import running
 from vipd.config import load_config
-from vipd.control import request
-from vipd.keys import generate_key_file, public_key_line
+from vipd.host.control import request
+from vipd.host.keys import generate_key_file, public_key_line
 from vipd.lab.cluster import LabCluster
 from vipd.lab.probe import load_records, lost
 from vipd.lab.topology import CLIENT_IP4, MULTICAST_GROUP, MULTICAST_PORT, Lab

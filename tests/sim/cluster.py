@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vipd.config import PROFILES, Config, Timing, format_public_key, parse_config
-from vipd.keys import public_key_bytes
+from vipd.host.keys import public_key_bytes
 
 
 def node_name(i: int) -> str:

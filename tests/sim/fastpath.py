@@ -18,7 +18,7 @@ hash update per member). At 256 nodes one heartbeat round is 65,280 receptions, 
   peer's record and our own hold-down can change, it compares just those two against the
   inputs of the last full computation and reuses its view if they are unchanged: O(1)
   instead of O(N) per datagram.
-- `vipd.assign.assign` (which `vipd.assign.place` calls): memoised across all simulated
+- `vipd.placement.assign.assign` (which `vipd.placement.assign.place` calls): memoised across all simulated
   nodes on (groups, members, roster); placement is a pure, deterministic function of those
   (I4), and the 256 controllers compute the same views (about 10 ms each at 1,000 groups
   while the cluster forms).
@@ -35,11 +35,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from vipd import assign as assign_module
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore, Peer, View
 from vipd.membership.events import ViewChanged
 from vipd.membership.states import MONITORED
+from vipd.placement import assign as assign_module
 
 _HOLDDOWN = int(wire.Flag.HOLDDOWN)
 _ORIGINAL_APPLY = MembershipCore._apply

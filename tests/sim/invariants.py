@@ -79,8 +79,8 @@ import math
 from dataclasses import dataclass, field
 
 from tests.sim.simulator import Proc, Sim
-from vipd.assign import assign
 from vipd.config import Timing
+from vipd.placement.assign import assign
 
 #: Defects this simulator found in vipd. A violation matching one is tagged with its key, so
 #: a regression names the defect it brings back; tests/sim/test_defects.py reproduces each.

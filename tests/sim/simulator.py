@@ -14,7 +14,7 @@ Each node runs the real pure stack, wired the way `vipd.daemon` and
   or the stop deadline.
 - Daemon step (`Daemon._step`): drain `core.next_event()` into `controller.observe`, then
   `controller.decide(core, held, now)`; a new `decision.hold` becomes the target, and an apply
-  pass (`Daemon._apply_loop`/`_apply_once`) turns it into `vipd.reconcile.plan` orders carried
+  pass (`Daemon._apply_loop`/`_apply_once`) turns it into `vipd.placement.handover.plan` orders carried
   out one at a time, each taking `SimParams.kernel_delay` (netlink on one worker thread); after
   the pass `core.set_held(...)` and another step. Claims and `decision.announce` are recorded
   as announcements (GARP/NA).
@@ -67,13 +67,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.sim.cluster import ClusterSpec, node_key, node_public_key
-from vipd.arp.defend import DefendPolicy
 from vipd.config import Config, IPInterface
-from vipd.controller import Controller
 from vipd.daemon import STOP_GRACE
 from vipd.membership import events as ev
 from vipd.membership.core import MembershipCore
-from vipd.reconcile import ClaimAddress, ReleaseAddress, plan
+from vipd.node.defend import DefendPolicy
+from vipd.placement.controller import Controller
+from vipd.placement.handover import ClaimAddress, ReleaseAddress, plan
 
 if TYPE_CHECKING:
     from tests.sim.invariants import Checker

@@ -222,7 +222,7 @@ def test_k7_client_returns_to_the_holder_after_the_node_that_pulled_it_away_dies
 
     Heartbeats cannot fix this; the design's "announce again whenever another MAC is seen
     answering for an address we hold" can. Fixed by the conflict listener
-    (`vipd.arp.listener`, `vipd.arp.defend`): n03 sees n02's frames for addresses it owns and
+    (`vipd.arp.listener`, `vipd.node.defend`): n03 sees n02's frames for addresses it owns and
     answers each, at most once per announce.defend_interval and always after the last one,
     so the last word is n03's when n02 dies."""
     result = run_seed(416, write_trace=False)

@@ -16,12 +16,12 @@ from tests.sim import test_scenarios
 from tests.sim.cluster import ClusterSpec
 from tests.sim.harness import Run, formed
 from tests.sim.schedules import run_seed
-from vipd import assign as assign_module
-from vipd.assign import assign as real_assign
 from vipd.config import PROFILES
-from vipd.controller import Controller
 from vipd.membership.core import MembershipCore
-from vipd.reconcile import HandoverOutcome, HandoverPolicy
+from vipd.placement import assign as assign_module
+from vipd.placement.assign import assign as real_assign
+from vipd.placement.controller import Controller
+from vipd.placement.handover import HandoverOutcome, HandoverPolicy
 
 LAN = PROFILES["lan"]
 

@@ -77,7 +77,7 @@ def _crash_and_join(nodes: int, groups: int) -> tuple[Sim, Checker, dict[str, fl
     after = sim.holdings()
     moved = {g for n in names if n != victim for g in after[n] - before[n]}
     # I6: its groups moved, and at most groups homed on the one roster member not started
-    # yet (orphans are re-placed over the live members: documented in vipd.assign).
+    # yet (orphans are re-placed over the live members: documented in vipd.placement.assign).
     assert set(before[victim]) <= moved
     assert all(checker.home[g] == late for g in moved - set(before[victim]))
 

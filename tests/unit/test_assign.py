@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from vipd.assign import _homes, _neg_ln, assign, quotas
+from vipd.placement.assign import _homes, _neg_ln, assign, quotas
 
 # Names as a config could spell them, including non-ASCII; group and member names may overlap.
 NAMES = st.text(min_size=1, max_size=10)
@@ -162,7 +162,7 @@ def test_independent_of_python_hash_seed() -> None:
     roster = {f"n{i}": 1 + i % 3 for i in range(9)}
     live = {m: w for m, w in roster.items() if m not in {"n2", "n7"}}
     code = (
-        "import json, sys; from vipd.assign import assign; "
+        "import json, sys; from vipd.placement.assign import assign; "
         "g, m, r = json.load(sys.stdin); print(json.dumps([assign(g, m), assign(g, m, r)]))"
     )
     expected = [assign(groups, live), assign(groups, live, roster)]

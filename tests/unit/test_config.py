@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.clusterkit import config_dict
 from vipd.config import ConfigError, load_config, parse_config
-from vipd.keys import generate_key_file, load_private_key, public_key_line
+from vipd.host.keys import generate_key_file, load_private_key, public_key_line
 
 KEYS = {"n1": Ed25519PrivateKey.generate(), "n2": Ed25519PrivateKey.generate()}
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vipd.control import Caller, Command, ControlServer, request
+from vipd.host.control import Caller, Command, ControlServer, request
 
 ROOT = Caller(pid=1, uid=0, gid=0)
 USER = Caller(pid=2, uid=12345, gid=12345)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from vipd.control import Caller, Command, ControlServer
+from vipd.host.control import Caller, Command, ControlServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs clients as other users")
 

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 from tests.clusterkit import Node, make_cluster
 from tests.unit.test_core import STEP, Net
-from vipd.controller import Controller
 from vipd.membership.events import HolddownStarted, SelfDisrupted
 from vipd.membership.wire import Flag
-from vipd.overrides import Overrides
+from vipd.placement.controller import Controller
+from vipd.placement.overrides import Overrides
 
 ALL6 = frozenset(f"www{i}" for i in range(1, 7))
 

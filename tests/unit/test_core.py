@@ -22,7 +22,7 @@ from vipd.membership.events import (
 )
 from vipd.membership.states import MemberState
 from vipd.membership.wire import Flag
-from vipd.overrides import Overrides
+from vipd.placement.overrides import Overrides
 
 STEP = 0.005
 

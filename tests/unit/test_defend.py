@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vipd.arp.defend import DefendPolicy
+from vipd.node.defend import DefendPolicy
 
 A = ipaddress.IPv4Address("203.0.113.10")
 B = ipaddress.IPv4Address("203.0.113.11")

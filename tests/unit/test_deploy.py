@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vipd.config import load_config
-from vipd.keys import public_key_line
+from vipd.host.keys import public_key_line
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

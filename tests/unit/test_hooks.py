@@ -30,7 +30,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from vipd.config import Hooks
-from vipd.hooks import OUTPUT_TAIL, HookRunner
+from vipd.host.hooks import OUTPUT_TAIL, HookRunner
 
 T = TypeVar("T")
 ADDRS: list[IPv4Interface | IPv6Interface] = [

@@ -7,7 +7,7 @@ import urllib.request
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from vipd.metrics import StatusCollector, serve
+from vipd.host.metrics import StatusCollector, serve
 
 STATUS = {
     "node": "n1",

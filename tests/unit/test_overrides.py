@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vipd.overrides import Move, Overrides, OverridesError
-from vipd.state import load_overrides, save_overrides
+from vipd.host.state import load_overrides, save_overrides
+from vipd.placement.overrides import Move, Overrides, OverridesError
 
 
 def test_each_edit_is_a_new_version_stamped_with_its_issuer() -> None:

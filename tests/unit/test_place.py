@@ -13,7 +13,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vipd.assign import assign, place
+from vipd.placement.assign import assign, place
 
 MEMBERS = [f"n{i}" for i in range(1, 9)]
 GROUPS = st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=60, unique=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from vipd.config import PoolGroup
-from vipd.reconcile import ClaimAddress, HandoverPolicy, ReleaseAddress, plan
+from vipd.placement.handover import ClaimAddress, HandoverPolicy, ReleaseAddress, plan
 
 A = ipaddress.ip_interface("203.0.113.11/32")
 B = ipaddress.ip_interface("203.0.113.12/32")

@@ -13,9 +13,9 @@ from tests.clusterkit import WALL0, config_dict, make_cluster
 from tests.unit.test_core import Net
 from tests.unit.test_wire import genuine
 from vipd.config import Config, parse_config
-from vipd.keys import public_key_bytes
+from vipd.host.keys import public_key_bytes
 from vipd.membership.wire import key_id
-from vipd.reload import ReloadRefused, reload_changes
+from vipd.node.reload import ReloadRefused, reload_changes
 
 
 def with_keys(config: Config, name: str, keys: tuple[bytes, ...]) -> Config:

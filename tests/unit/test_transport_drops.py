@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from vipd.membership.transport import kernel_drops
+from vipd.kernel.transport import kernel_drops
 
 
 def test_kernel_drops_counts_what_a_full_receive_buffer_refused() -> None:

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.clusterkit import WALL0, Node, make_cluster
-from vipd.keys import public_key_bytes
+from vipd.host.keys import public_key_bytes
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore
 from vipd.membership.events import PacketRejected
 from vipd.membership.wire import Flag, Heartbeat, Stats
-from vipd.overrides import Move, Overrides
+from vipd.placement.overrides import Move, Overrides
 
 
 def heartbeat(**overrides: object) -> Heartbeat:

@@ -12,7 +12,7 @@ which a MAC other than ours claims one of our addresses:
   ours. The claimant is the Target Link-Layer Address option, or the Ethernet source when
   the option is absent.
 
-The daemon answers a conflict by announcing the address again (`vipd.arp.defend` decides
+The daemon answers a conflict by announcing the address again (`vipd.node.defend` decides
 when), so the last word on the link is ours: a stale claim from a peer that was on the
 other side of a partition, or a machine configured by hand with our address.
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vipd.control import request
+from vipd.host.control import request
 from vipd.lab.topology import MULTICAST_GROUP, MULTICAST_PORT, Lab, addresses_in
 
 T = TypeVar("T")
@@ -153,7 +153,7 @@ class LabCluster:
     # configuration ---------------------------------------------------------------------
     def write_configs(self) -> None:
         """Generate a key per node and one config per node (same roster and pool)."""
-        from vipd.keys import generate_key_file, public_key_line
+        from vipd.host.keys import generate_key_file, public_key_line
 
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for node in self.nodes:

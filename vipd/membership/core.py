@@ -41,7 +41,7 @@ from vipd.membership.events import (
 )
 from vipd.membership.states import MONITORED, MemberState, Signal, next_state
 from vipd.membership.wire import DecodeError, Flag, Heartbeat, Reject, Stats
-from vipd.overrides import Overrides
+from vipd.placement.overrides import Overrides
 
 #: How many heartbeats a leaving node sends at once: one lost datagram must not hide it.
 LEAVE_BURST = 3
@@ -358,7 +358,7 @@ class MembershipCore:
         self._pending_burst = max(self._pending_burst, 1)
 
     def rekey(self, config: Config, key: Ed25519PrivateKey, public_key: bytes) -> None:
-        """A reload changed keys only (`vipd.reload`): peers' accepted public keys, and the
+        """A reload changed keys only (`vipd.node.reload`): peers' accepted public keys, and the
         key we sign with. Everything else, including the config digest, is unchanged."""
         if (config.digest, config.pool_digest, config.node) != (
             self._config_digest,

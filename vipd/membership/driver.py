@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from vipd.host.ratelimit import RateLimitedLog
+from vipd.kernel.transport import kernel_drops
 from vipd.membership.core import MembershipCore
-from vipd.membership.transport import kernel_drops
-from vipd.ratelimit import RateLimitedLog
 
 RECV_BUFFER = 2048  # > wire.MAX_DATAGRAM, so an oversized datagram is seen as such
 MAX_READS_PER_WAKEUP = 64  # a flood must not starve the timers

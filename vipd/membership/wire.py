@@ -21,7 +21,7 @@ Layout (all integers big-endian)::
 
 Body TLVs (each at most once): VIEW_DIGEST (8 bytes), CONFIG_DIGEST (8 bytes), HELD (u16 group
 count + bitmap of held group indices), STATS (fixed struct), OVERRIDES (the operator's table,
-`vipd.overrides.Overrides.encode`), RELEASED (u16 count + u16 group indices, at most
+`vipd.placement.overrides.Overrides.encode`), RELEASED (u16 count + u16 group indices, at most
 MAX_RELEASED: groups this node let go of lately, so their owner knows clients may still point
 here and announces them again), POOL_DIGEST (8 bytes: which pool the HELD and RELEASED
 indices refer to; a peer in the middle of a pool reload may run another one).
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from vipd.overrides import Overrides, OverridesError
+from vipd.placement.overrides import Overrides, OverridesError
 
 MAGIC = b"VIPD"
 VERSION = 1

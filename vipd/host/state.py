@@ -1,5 +1,5 @@
 """Persistent node state: the incarnation number, which must rise on every restart, and the
-operator table (moves and drains, `vipd.overrides`), which must survive one.
+operator table (moves and drains, `vipd.placement.overrides`), which must survive one.
 
 Without a state directory the incarnation is the start time in milliseconds, which rises as
 long as the clock does not step back across a restart. With one, it is also at least one more
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vipd.overrides import Overrides, OverridesError
+from vipd.placement.overrides import Overrides, OverridesError
 
 FILE = "incarnation"
 

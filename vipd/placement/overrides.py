@@ -17,7 +17,7 @@ placement (a rolling config change) but kept and passed on.
 A move pins a group on a node while that node is placeable (alive, not drained); otherwise
 placement decides, and the pin applies again when the node is back. ``reason`` says where
 the pin came from: "move" (an operator) or "reload" (a pool reload kept the group where it
-was, see `vipd.controller.Controller.reload_pins`; `vipctl rebalance` clears those).
+was, see `vipd.placement.controller.Controller.reload_pins`; `vipctl rebalance` clears those).
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vipd.assign import place
 from vipd.config import Config
 from vipd.membership.core import MembershipCore
 from vipd.membership.events import BecameReady, Event, MemberJoined, MemberLost, SelfDisrupted
-from vipd.overrides import Overrides
-from vipd.reconcile import HandoverOutcome, HandoverPolicy
+from vipd.placement.assign import place
+from vipd.placement.handover import HandoverOutcome, HandoverPolicy
+from vipd.placement.overrides import Overrides
 
 
 @dataclass(frozen=True)

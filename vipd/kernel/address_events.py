@@ -7,9 +7,9 @@ going away), so reconciliation can repair drift immediately instead of at the ne
 Threading model: one dedicated daemon thread owns a pyroute2 rtnetlink socket subscribed to
 RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR (address notifications only: no link, route or
 neighbour traffic) and blocks in poll(2) on it. Every parsed notification is handed to the
-loop with ``loop.call_soon_threadsafe``. The reasons are those of `vipd.addresses`: pyroute2's
-API is synchronous (its asyncio transport runs on the caller's loop and still uses the old
-sync core in places), and a slow or stuck netlink read must never stall heartbeats, so the
+loop with ``loop.call_soon_threadsafe``. The reasons are those of `vipd.kernel.addresses`:
+pyroute2's API is synchronous (its asyncio transport runs on the caller's loop and still uses
+the old sync core in places), and a slow or stuck netlink read must never stall heartbeats, so the
 reading stays off the loop; blocking reads cost nothing in a thread of their own.
 
 The socket is pyroute2's `IPRSocket`, the rtnetlink socket without `IPRoute`'s private
@@ -60,8 +60,8 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_IPV6_IFADDR,
 )
 
-from vipd.addresses import ifa_address, ifa_flags
 from vipd.config import IPInterface
+from vipd.kernel.addresses import ifa_address, ifa_flags
 
 GROUPS = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 #: Requested SO_RCVBUF in bytes (the kernel doubles it and caps it at net.core.rmem_max).
