@@ -18,8 +18,9 @@ hash update per member). At 256 nodes one heartbeat round is 65,280 receptions, 
   peer's record and our own hold-down can change, it compares just those two against the
   inputs of the last full computation and reuses its view if they are unchanged: O(1)
   instead of O(N) per datagram.
-- `vipd.placement.assign.assign` (which `vipd.placement.assign.place` calls): memoised across all simulated
-  nodes on (groups, members, roster); placement is a pure, deterministic function of those
+- `vipd.placement.assign.assign` (which `vipd.placement.assign.place` calls): memoised
+  across all simulated nodes on (groups, members, roster); placement is a pure,
+  deterministic function of those
   (I4), and the 256 controllers compute the same views (about 10 ms each at 1,000 groups
   while the cluster forms).
 

@@ -14,8 +14,9 @@ Each node runs the real pure stack, wired the way `vipd.daemon` and
   or the stop deadline.
 - Daemon step (`Daemon._step`): drain `core.next_event()` into `controller.observe`, then
   `controller.decide(core, held, now)`; a new `decision.hold` becomes the target, and an apply
-  pass (`Daemon._apply_loop`/`_apply_once`) turns it into `vipd.placement.handover.plan` orders carried
-  out one at a time, each taking `SimParams.kernel_delay` (netlink on one worker thread); after
+  pass (`Daemon._apply_loop`/`_apply_once`) turns it into `vipd.placement.handover.plan` orders
+  carried out one at a time, each taking `SimParams.kernel_delay` (netlink on one worker
+  thread); after
   the pass `core.set_held(...)` and another step. Claims and `decision.announce` are recorded
   as announcements (GARP/NA).
 - Start: the daemon lists the pool addresses the kernel still has (a crashed earlier run's),
