@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import FakeAddressManager
 from tests.netns.veth import REPO, VethPair, ip, ip_json, snippet_argv, start_in, veth_pair
-from vipd.kernel.addresses import AddressError, FakeAddressManager, InterfaceMissing
+from vipd.kernel.addresses import AddressError, InterfaceMissing
 
 pytestmark = [
     pytest.mark.netns,

@@ -11,7 +11,8 @@ import pytest
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from vipd.arp.announcer import FakeAnnouncer, RawAnnouncer
+from tests.fakes import FakeAnnouncer
+from vipd.arp.announcer import RawAnnouncer
 from vipd.arp.frames import (
     announcement_frames,
     garp_reply,
