@@ -1,7 +1,10 @@
 """Member state rules: the one table that says how a peer's state moves.
 
 Inputs are what we learn about a peer: a heartbeat with its flags, or silence for dead_after.
-`NEXT[(state, signal)]` is the new state; a pair missing from the table leaves it unchanged.
+`NEXT[(state, signal)]` is the new state. Every pair that leaves the state as it is is listed
+in `UNCHANGED`, so each (state, signal) pair is a decision someone made: a pair is in exactly one
+of the two (tests/unit/test_state_table.py walks them all). A new state or signal therefore means
+deciding each of its pairs, not inheriting "unchanged" by omission.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ NEXT: dict[tuple[MemberState, Signal], MemberState] = {
     (S.DEAD, G.HEARD_READY): S.ALIVE,
     (S.DEAD, G.HEARD_LEAVING): S.LEFT,
 }
+
+#: Pairs deliberately left as they are (`next_state` returns the state itself).
+UNCHANGED: frozenset[tuple[MemberState, Signal]] = frozenset(
+    {
+        (S.UNKNOWN, G.SILENT),  # never heard, so nothing to time out (not MONITORED)
+        (S.JOINING, G.HEARD_JOINING),
+        (S.ALIVE, G.HEARD_READY),
+        (S.LEFT, G.HEARD_LEAVING),  # its last goodbyes still arriving
+        (S.LEFT, G.SILENT),  # a peer that left is expected to go quiet: it is not DEAD
+        (S.DEAD, G.SILENT),
+    }
+)
 
 #: States in which a peer is expected to keep sending heartbeats (and so can time out).
 MONITORED = frozenset({S.JOINING, S.ALIVE})

@@ -61,6 +61,9 @@ MIN_DATAGRAM = HEADER_LEN + 2 + SIGNATURE_LEN
 
 
 class Flag(enum.IntFlag):
+    # APPEND-ONLY: these bits go on the wire, and nodes of different versions share a cluster
+    # during a rolling upgrade. A bit once shipped is never renumbered, renamed or reused; a new
+    # flag takes a new, unused bit; a retired one stays reserved. Pinned in test_wire_enums.py.
     NONE = 0
     JOINING = 1  # listening, not yet taking addresses
     READY = 2  # takes part in placement
@@ -73,6 +76,10 @@ _KNOWN_FLAGS = int(Flag.JOINING | Flag.READY | Flag.DRAINING | Flag.LEAVING | Fl
 
 
 class TLV(enum.IntEnum):
+    # APPEND-ONLY: the type byte of a body TLV on the wire. Older nodes skip unknown types, so a
+    # reused or renumbered type would be misread by them as the old field. A type once shipped is
+    # never renumbered, renamed or reused; a new TLV takes a new number; a retired one stays
+    # reserved. Pinned in test_wire_enums.py.
     VIEW_DIGEST = 1
     CONFIG_DIGEST = 2
     HELD = 3
@@ -85,6 +92,10 @@ class TLV(enum.IntEnum):
 class Reject(enum.StrEnum):
     """Why a datagram was refused. Each reason is its own counter."""
 
+    # APPEND-ONLY: the values are metric label values (and show in logs and events), so dashboards
+    # and alerts key on them. A reason once shipped is never renamed, given another value or
+    # reused for another meaning; a new reason gets a new value; a retired one stays reserved.
+    # Pinned in test_wire_enums.py.
     OVERSIZED = "oversized"
     TRUNCATED = "truncated"
     MALFORMED = "malformed"
