@@ -11,6 +11,7 @@ from typing import Any
 from vipd.config import ConfigError, load_config
 from vipd.host.control import request
 from vipd.host.keys import generate_key_file, public_key_line
+from vipd.node.status import GroupStatus, Status
 
 DEFAULT_SOCKET = Path("/run/vipd/vipd.sock")
 
@@ -49,62 +50,61 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_status(s: dict[str, Any]) -> str:
-    state = "leaving" if s.get("leaving") else "ready" if s["ready"] else "joining"
-    view = s["view"]
+def format_status(s: Status) -> str:
+    state = "leaving" if s.leaving else "ready" if s.ready else "joining"
+    view = s.view
     head = (
-        f"node {s['node']}  cluster {s['cluster']}  {state}  "
-        f"view {view['digest']} ({len(view['members'])}: {' '.join(view['members']) or '-'})"
+        f"node {s.node}  cluster {s.cluster}  {state}  "
+        f"view {view.digest} ({len(view.members)}: {' '.join(view.members) or '-'})"
     )
-    own_pool = s["members"][0].get("pool_digest")
+    own_pool = s.members[0].pool_digest if s.members else None
     members = _table(
         ["MEMBER", "STATE", "LAST HEARD", "INCARNATION", "FLAGS", "CONFIG", "POOL"],
         [
             [
-                m["name"],
-                m["state"],
-                "-" if m["age"] is None else f"{m['age']:.2f}s ago",
-                str(m["incarnation"] or "-"),
-                ",".join(m["flags"] + (["drained"] if m.get("drained") else [])) or "-",
-                "ok" if m["config_digest_ok"] else "MISMATCH",
+                m.name,
+                m.state,
+                "-" if m.age is None else f"{m.age:.2f}s ago",
+                str(m.incarnation or "-"),
+                ",".join([*m.flags, *(["drained"] if m.drained else [])]) or "-",
+                "ok" if m.config_digest_ok else "MISMATCH",
                 "-"
-                if m.get("pool_digest") is None
+                if m.pool_digest is None
                 else "same"
-                if m.get("pool_digest") == own_pool
+                if m.pool_digest == own_pool
                 else "DIFFERS",
             ]
-            for m in s["members"]
+            for m in s.members
         ],
     )
     pool = _table(
         ["GROUP", "OWNER", "HELD HERE", "OVERRIDE", "INTERFACE", "ADDRESSES"],
         [
             [
-                g["group"],
-                g["owner"] or "-",
-                "yes" if g["held_here"] else "",
+                g.group,
+                g.owner or "-",
+                "yes" if g.held_here else "",
                 _override_text(g),
-                g["interface"],
-                " ".join(g["addresses"]),
+                g.interface,
+                " ".join(g.addresses),
             ]
-            for g in s["pool"]
+            for g in s.pool
         ],
     )
-    rejected = {k: v for k, v in s["counters"].get("rejected", {}).items() if v}
+    rejected = {k: v for k, v in s.counters.rejected.items() if v}
     tail = "rejected datagrams: " + (
         ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) if rejected else "none"
     )
-    table = s.get("overrides") or {}
-    if table.get("version"):
-        tail += f"\noperator table: version {table['version']} by {table['issuer']}"
+    if s.overrides.version:
+        tail += f"\noperator table: version {s.overrides.version} by {s.overrides.issuer}"
     return f"{head}\n\n{members}\n\n{pool}\n\n{tail}"
 
 
-def _override_text(g: dict[str, Any]) -> str:
-    o = g.get("override")
-    if o:
-        return f"{o['reason']} -> {o['node']}"
-    return f"prefer {','.join(g['prefer'])}" if g.get("prefer") else ""
+def _override_text(g: GroupStatus) -> str:
+    o = g.override
+    if o is not None:
+        return f"{o.reason} -> {o.node}"
+    return f"prefer {','.join(g.prefer)}" if g.prefer else ""
 
 
 def _print_change(result: dict[str, Any]) -> None:
@@ -132,8 +132,13 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _call(args, {"cmd": "status"})
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    reply = _call(args, {"cmd": "status"})
+    try:
+        status = Status.from_json(reply)
+    except ValueError as e:
+        raise SystemExit(f"vipctl: unexpected status reply from vipd: {e}") from None
+    # --json prints the reply as served (it passed the parse above); the table is typed.
+    print(json.dumps(reply, indent=2) if args.json else format_status(status))
     return 0
 
 

@@ -8,35 +8,73 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from vipd.host.metrics import StatusCollector, serve
-
-STATUS = {
-    "node": "n1",
-    "incarnation": 42,
-    "ready": True,
-    "mature": True,
-    "leaving": False,
-    "passive": False,
-    "holddown": False,
-    "view": {"digest": "ab", "members": ["n1", "n2"]},
-    "members": [
-        {"name": "n1", "state": "self", "age": 0.0, "config_digest_ok": True},
-        {"name": "n2", "state": "alive", "age": 0.05, "config_digest_ok": True},
-        {"name": "n3", "state": "dead", "age": 9.5, "config_digest_ok": False},
-    ],
-    "pool": [{"group": "www1", "held_here": True}, {"group": "www2", "held_here": False}],
-    "counters": {
-        "rx_accepted": 7,
-        "claims": 1,
-        "conflicts": 2,
-        "defences": 1,
-        "rejected": {"bad_signature": 3, "replay": 0},
-        "hooks": {"run": 4, "failed": 1, "timed_out": 0, "dropped": 0},
-    },
-    "announcements": {"203.0.113.11/32": 10},
-}
+from vipd.node.status import (
+    CounterStatus,
+    GroupStatus,
+    MemberStatus,
+    OverridesStatus,
+    Status,
+    ViewStatus,
+)
 
 
-def render(status: dict[str, object] | None) -> str:
+def member(name: str, state: str, age: float | None, config_ok: bool = True) -> MemberStatus:
+    return MemberStatus(
+        name=name,
+        state=state,
+        age=age,
+        incarnation=1,
+        flags=("ready",),
+        config_digest_ok=config_ok,
+        pool_digest="00",
+        drained=False,
+    )
+
+
+def group(name: str, held_here: bool) -> GroupStatus:
+    return GroupStatus(
+        group=name,
+        interface="eth0",
+        addresses=("203.0.113.11/32",),
+        owner="n1",
+        held_here=held_here,
+        override=None,
+        prefer=(),
+    )
+
+
+STATUS = Status(
+    node="n1",
+    cluster="c",
+    incarnation=42,
+    ready=True,
+    mature=True,
+    leaving=False,
+    passive=False,
+    holddown=False,
+    holding="",
+    config_digest="cd",
+    view=ViewStatus(digest="ab", members=("n1", "n2")),
+    members=(
+        member("n1", "self", 0.0),
+        member("n2", "alive", 0.05),
+        member("n3", "dead", 9.5, config_ok=False),
+        member("n4", "unknown", None),
+    ),
+    pool=(group("www1", True), group("www2", False)),
+    overrides=OverridesStatus(version=0, issuer="", moves=(), drained=()),
+    counters=CounterStatus(
+        plain={"rx_accepted": 7, "claims": 1, "conflicts": 2, "defences": 1},
+        rejected={"bad_signature": 3, "replay": 0},
+        hooks={"run": 4, "failed": 1, "timed_out": 0, "dropped": 0},
+        notify_sent=5,
+        notify_dropped=0,
+    ),
+    announcements={"203.0.113.11/32": 10},
+)
+
+
+def render(status: Status | None) -> str:
     collector = StatusCollector()
     if status is not None:
         collector.publish(status)
@@ -64,8 +102,13 @@ def test_snapshot_becomes_metrics() -> None:
         "vipd_address_defences_total 1.0",
         'vipd_hooks_total{outcome="failed"} 1.0',
         'vipd_hooks_total{outcome="run"} 4.0',
+        "vipd_notify_frames_total 5.0",
+        "vipd_notify_dropped_total 0.0",
+        'vipd_member_last_heard_seconds{member="n2"} 0.05',
+        'vipd_member_up{member="n4"} 0.0',
     ):
         assert line in text, line
+    assert 'vipd_member_last_heard_seconds{member="n4"}' not in text  # never heard
 
 
 def test_nothing_before_the_first_snapshot() -> None:

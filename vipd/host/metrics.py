@@ -1,8 +1,8 @@
 """Prometheus metrics, served on 127.0.0.1 by default.
 
 The exporter runs in prometheus_client's own HTTP thread. It never touches the daemon's live
-state: the event loop publishes a snapshot (the same dict `vipctl status --json` shows) and a
-scrape renders the latest one, so a slow scraper cannot stall heartbeats.
+state: the event loop publishes a snapshot (a `vipd.node.status.Status`, the tree `vipctl status`
+shows) and a scrape renders the latest one, so a slow scraper cannot stall heartbeats.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 from prometheus_client import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from vipd.node.status import Status
 
 #: status counter name -> (metric name without _total, help)
 COUNTERS = {
@@ -39,43 +41,39 @@ COUNTERS = {
 
 class StatusCollector(Collector):
     def __init__(self) -> None:
-        self._status: dict[str, Any] | None = None
+        self._status: Status | None = None
 
-    def publish(self, status: dict[str, Any]) -> None:
+    def publish(self, status: Status) -> None:
         self._status = status  # one reference swap: the scrape thread sees old or new
 
     def collect(self) -> Iterator[Metric]:
         s = self._status
         if s is None:
             return
-        counters = s["counters"]
+        counters = s.counters
         for key, (name, text) in COUNTERS.items():
-            yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+            yield CounterMetricFamily(name, text, value=counters.value(key))
         hooks = CounterMetricFamily(
             "vipd_hooks", "Hook runs, by outcome (run counts every attempt).", labels=["outcome"]
         )
-        for outcome, n in sorted(counters.get("hooks", {}).items()):
+        for outcome, n in sorted(counters.hooks.items()):
             hooks.add_metric([outcome], n)
         yield hooks
         rejected = CounterMetricFamily(
             "vipd_datagrams_rejected", "Datagrams refused, by reason.", labels=["reason"]
         )
-        for reason, count in sorted(counters.get("rejected", {}).items()):
+        for reason, count in sorted(counters.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
 
         for name, text, value in (
-            ("vipd_ready", "1 once the startup wait is over.", s["ready"]),
-            ("vipd_mature", "1 once the node may take addresses.", s.get("mature", False)),
-            ("vipd_leaving", "1 during a graceful stop.", s["leaving"]),
-            ("vipd_config_passive", "1 if another config digest wins.", s.get("passive", False)),
-            ("vipd_holddown", "1 while held out of placement.", s.get("holddown", False)),
-            (
-                "vipd_view_members",
-                "Members in this node's placement view.",
-                len(s["view"]["members"]),
-            ),
-            ("vipd_incarnation", "This daemon's incarnation.", s["incarnation"]),
+            ("vipd_ready", "1 once the startup wait is over.", s.ready),
+            ("vipd_mature", "1 once the node may take addresses.", s.mature),
+            ("vipd_leaving", "1 during a graceful stop.", s.leaving),
+            ("vipd_config_passive", "1 if another config digest wins.", s.passive),
+            ("vipd_holddown", "1 while held out of placement.", s.holddown),
+            ("vipd_view_members", "Members in this node's placement view.", len(s.view.members)),
+            ("vipd_incarnation", "This daemon's incarnation.", s.incarnation),
         ):
             yield GaugeMetricFamily(name, text, value=float(value))
 
@@ -92,25 +90,25 @@ class StatusCollector(Collector):
             "1 if the member's config digest equals ours.",
             labels=["member"],
         )
-        for m in s["members"]:
-            up.add_metric([m["name"]], 1.0 if m["state"] in ("self", "alive", "joining") else 0.0)
-            if m["age"] is not None:
-                age.add_metric([m["name"]], m["age"])
-            config_ok.add_metric([m["name"]], 1.0 if m["config_digest_ok"] else 0.0)
+        for m in s.members:
+            up.add_metric([m.name], 1.0 if m.state in ("self", "alive", "joining") else 0.0)
+            if m.age is not None:
+                age.add_metric([m.name], m.age)
+            config_ok.add_metric([m.name], 1.0 if m.config_digest_ok else 0.0)
         yield from (up, age, config_ok)
 
         held = GaugeMetricFamily(
             "vipd_group_held", "1 if this node holds every address of the group.", labels=["group"]
         )
-        for g in s["pool"]:
-            held.add_metric([g["group"]], 1.0 if g["held_here"] else 0.0)
+        for g in s.pool:
+            held.add_metric([g.group], 1.0 if g.held_here else 0.0)
         yield held
         frames = CounterMetricFamily(
             "vipd_announce_frames",
             "Gratuitous ARP / NA frames sent, by address.",
             labels=["address"],
         )
-        for address, count in sorted(s.get("announcements", {}).items()):
+        for address, count in sorted(s.announcements.items()):
             frames.add_metric([address], count)
         yield frames
 
