@@ -34,9 +34,9 @@ from tests.clusterkit import WALL0, Node, config_dict
 from vipd.config import parse_config
 from vipd.host.control import Caller, Command, ControlServer
 from vipd.host.keys import public_key_bytes
+from vipd.kernel.heartbeats import MAX_READS_PER_WAKEUP, RECV_BUFFER
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore, View
-from vipd.membership.driver import MAX_READS_PER_WAKEUP, RECV_BUFFER
 from vipd.membership.events import PacketRejected
 from vipd.membership.wire import TLV, DecodeError, Flag, Heartbeat, Reject, Stats
 from vipd.placement.overrides import MAX_ENTRIES, REASONS, Move, Overrides, OverridesError
@@ -753,7 +753,7 @@ def feed(core: MembershipCore, data: bytes, *, source: str = SOURCE, now: float 
     before = snapshot(core)
     queued = len(core._events)
     core.receive(data, source, now=now, wall=WALL0)
-    moved = core.rejected - before_rejected
+    moved = Counter(core.rejected) - before_rejected
     accepted = core.counters["rx_accepted"] - before_accepted
     assert sum(moved.values()) + accepted == 1, (moved, accepted)
     assert set(core.rejected) == {r.value for r in Reject}, "a counter outside Reject"

@@ -51,8 +51,8 @@ from tests.fuzz.kit import (
     sign,
 )
 from vipd.host.keys import public_key_bytes
+from vipd.kernel.heartbeats import MAX_READS_PER_WAKEUP
 from vipd.membership import wire
-from vipd.membership.driver import MAX_READS_PER_WAKEUP
 from vipd.membership.wire import TLV, DecodeError, Flag, Reject
 from vipd.placement.overrides import Overrides, OverridesError
 

@@ -2,27 +2,21 @@
 
 Model
 -----
-Each node runs the real pure stack, wired the way `vipd.daemon` and
-`vipd.membership.driver` wire it:
+Each node runs the shipped `vipd.node.node.Node`, the same object the daemon drives; the
+simulator is only its shell, on a virtual clock:
 
-- `MembershipCore` + `Controller` per daemon run (`Proc`), and a simulated kernel address table
-  per machine (`SimNode.kernel`, the ground truth the invariants are checked on).
-- Driver: a datagram wakes the loop (after `SimParams.wakeup_latency`), which feeds up to
-  `MAX_READS` queued datagrams to `core.receive`, then runs the daemon step; the core's timer
-  fires at `core.get_timer()` (re-armed after every flush, as the driver does) and calls
-  `core.handle_timer`; the daemon's own deadline timer fires at `controller.next_deadline()`
-  or the stop deadline.
-- Daemon step (`Daemon._step`): drain `core.next_event()` into `controller.observe`, then
-  `controller.decide(core, held, now)`; a new `decision.hold` becomes the target, and an apply
-  pass (`Daemon._apply_loop`/`_apply_once`) turns it into `vipd.placement.handover.plan` orders
-  carried out one at a time, each taking `SimParams.kernel_delay` (netlink on one worker
-  thread); after
-  the pass `core.set_held(...)` and another step. Claims and `decision.announce` are recorded
-  as announcements (GARP/NA).
-- Start: the daemon lists the pool addresses the kernel still has (a crashed earlier run's),
-  removes them all (`Daemon._remove_stale`), then opens its socket and takes part.
-- Graceful stop: `core.leave()`, exit once nothing is held or at handover_timeout + STOP_GRACE;
-  on exit whatever is still held is released and a last heartbeat is flushed.
+- `Proc` is one daemon run: a `Node` plus what `vipd.daemon` keeps around it (timers, the
+  socket's inbox, the announcer's repeat schedules). `SimNode.kernel` is the machine's
+  address table, the ground truth the invariants are checked on.
+- Inputs: a datagram wakes the loop (after `SimParams.wakeup_latency`), which hands up to
+  `MAX_READS` queued datagrams to `Node.receive`; `SetTimer` orders become events that call
+  `Node.handle_timer`; a `ClaimAddress`/`ReleaseAddress` order completes after
+  `SimParams.kernel_delay` (netlink on one worker thread) and is answered with
+  `Node.kernel_result`; `ListAddresses` is answered at once from the machine's table.
+- Orders: `SendDatagram` goes to the network, `Announce`/`AnnounceOnce`/`CancelAnnounce` to
+  the announcer model, `Exit` ends the process; a few `Log` facts become trace lines.
+  Hooks, the conflict watch's filter, saving the operator table and systemd notifications
+  have nothing to model.
 
 Announcer (`vipd.arp.announcer`): a claim or a `decision.announce` sends one frame at once and
 repeats at `config.announce.schedule` (0, 0.05, 1, 2, 5 s); a new announce restarts the
@@ -42,14 +36,15 @@ Faults: `crash` (SIGKILL: the process is gone, its kernel addresses stay: "ghost
 `start` (a new incarnation, rising like the daemon's with a state_dir, after the stale-address
 cleanup), `leave` (graceful stop), `partition` / `isolate` / `cut` (one-way) / `heal`,
 `set_loss` (a loss burst above the background level), `stall` (the loop does not run for S
-seconds: timers fire late, the inbox queues; on resume the timer runs before the queued
-datagrams, the worst order), and per-node clock skew (`wall = WALL0 + now + skew`, `set_skew`
-steps it).
+seconds: timers fire late, the inbox queues, a SIGTERM waits; on resume the timer runs
+before the queued datagrams, the worst order), and per-node clock skew
+(`wall = WALL0 + now + skew`, `set_skew` steps it).
 
-Not modelled: the reconcile loop's drift repair (nobody deletes addresses by hand here), hooks,
-the control socket, unicast transport, IPv4/ARP specifics (one address per group, IPv6 text),
-clients behind a cut (the one client hears every machine), per-datagram CPU time (the loop is
-infinitely fast between `wakeup_latency` batches), kernel socket buffers in bytes.
+Not modelled: the reconcile tick (nobody deletes addresses by hand here; `Node.reconcile`
+is tested on its own), the control socket, unicast transport, IPv4/ARP specifics (one
+address per group, IPv6 text), clients behind a cut (the one client hears every machine),
+per-datagram CPU time (the loop is infinitely fast between `wakeup_latency` batches), kernel
+socket buffers in bytes.
 
 Everything random comes from one `random.Random(seed)`; every iteration over nodes is in name
 order, so a seed replays exactly (also in another process: no set of strings is iterated).
@@ -67,20 +62,36 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vipd.memo import Memo
+
 from tests.sim.cluster import ClusterSpec, node_key, node_public_key
 from vipd.config import Config, IPInterface
-from vipd.daemon import STOP_GRACE
 from vipd.membership import events as ev
 from vipd.membership.core import MembershipCore
-from vipd.node.defend import DefendPolicy
+from vipd.node.node import KernelOp, Node
+from vipd.node.orders import (
+    Announce,
+    AnnounceOnce,
+    CancelAnnounce,
+    ClaimAddress,
+    DefendTimer,
+    Exit,
+    ListAddresses,
+    Log,
+    Order,
+    ReleaseAddress,
+    SendDatagram,
+    SetTimer,
+    Timer,
+    TimerKey,
+)
 from vipd.placement.controller import Controller
-from vipd.placement.handover import ClaimAddress, ReleaseAddress, plan
 
 if TYPE_CHECKING:
     from tests.sim.invariants import Checker
 
 WALL0 = 1_800_000_000.0  # Unix time at virtual t = 0
-MAX_READS = 64  # datagrams per loop wakeup, as MembershipDriver.MAX_READS_PER_WAKEUP
+MAX_READS = 64  # datagrams per loop wakeup, as vipd.daemon.MAX_READS_PER_WAKEUP
 
 
 @dataclass
@@ -102,50 +113,48 @@ class SimParams:
 
 @dataclass
 class Proc:
-    """One run of the daemon on a node, from start to exit or crash."""
+    """One run of the daemon on a node, from start to exit or crash: the real `Node`, plus
+    what the daemon's shell keeps (timers, the socket's inbox, the announcer's schedules)."""
 
     pid: int
     node: SimNode
-    core: MembershipCore
-    controller: Controller
-    actual: dict[str, set[IPInterface]]  # the daemon's idea of the kernel (pool only)
-    target: frozenset[str] = frozenset()
-    open: bool = False  # socket open: after the stale-address cleanup
-    applying: bool = False
-    dirty: bool = False
-    ops: deque[ClaimAddress | ReleaseAddress] = field(default_factory=deque)
-    after_apply: Callable[[], None] | None = None
+    daemon: Node
     inbox: deque[tuple[bytes, str]] = field(default_factory=deque)
     wakeup_pending: bool = False
     timer_at: float | None = None
     timer_gen: int = 0
     deadline_at: float | None = None
     deadline_gen: int = 0
-    stop_deadline: float | None = None
-    exiting: bool = False
-    reason: str = ""
     # Work that came due while the loop was stalled, run on resume (timers first).
+    missed_stop: bool = False
     missed_timer: bool = False
     missed_deadline: bool = False
-    missed_op: ClaimAddress | ReleaseAddress | None = None
-    _held: frozenset[str] | None = None  # cache of held_groups(); reset when `actual` changes
+    missed_op: tuple[KernelOp, bool] | None = None
     bursts: dict[str, int] = field(default_factory=dict)  # address -> running announce schedule
-    index: dict[str, int] = field(default_factory=dict)  # group name -> wire index
-    defend: DefendPolicy | None = None  # Daemon.defend (the conflict listener's rate limit)
 
     @property
     def name(self) -> str:
         return self.node.name
 
+    @property
+    def core(self) -> MembershipCore:
+        return self.daemon.core
+
+    @property
+    def controller(self) -> Controller:
+        return self.daemon.controller
+
+    @property
+    def open(self) -> bool:
+        """The socket is open: after the stale-address cleanup, until the exit."""
+        return self.daemon.opened
+
+    @property
+    def exiting(self) -> bool:
+        return self.daemon.exiting
+
     def held_groups(self) -> frozenset[str]:
-        """`Daemon._held_groups`: groups with every address present (as the daemon believes)."""
-        if self._held is None:
-            self._held = frozenset(
-                g.name
-                for g in self.node.config.pool
-                if all(a in self.actual.get(g.interface, ()) for a in g.addresses)
-            )
-        return self._held
+        return self.daemon.held_groups()
 
 
 @dataclass
@@ -215,8 +224,12 @@ class Sim:
         params: SimParams | None = None,
         skews: dict[str, float] | None = None,
         configs: dict[str, Config] | None = None,
+        memo: Memo | None = None,
     ) -> None:
         self.spec = spec
+        #: Shared by every simulated node: pure results (signature checks, decoded bodies,
+        #: placements) computed once per process instead of once per receiver.
+        self.memo = memo
         self.seed = seed
         self.rng = random.Random(seed)
         self.net = net or NetParams()
@@ -310,39 +323,26 @@ class Sim:
         incarnation = max(int(self.wall(node) * 1000), node.last_incarnation + 1)
         node.last_incarnation = incarnation
         self._pid += 1
-        core = MembershipCore(
+        daemon = Node(
             node.config,
             node_key(name),
             node_public_key(name),
             incarnation=incarnation,
             now=self.now,
             rng=random.Random(self.rng.getrandbits(64)),
+            memo=self.memo,
         )
-        actual: dict[str, set[IPInterface]] = {g.interface: set() for g in node.config.pool}
         texts = self._pool_texts(node.config)
         stale = sorted(a for a in node.kernel if a in texts)
-        for a in stale:
-            _, iface, addr = texts[a]
-            actual[iface].add(addr)
-        proc = Proc(self._pid, node, core, Controller(node.config), actual)
-        proc.defend = DefendPolicy(node.config.announce.defend_interval)
-        proc.index = {g.name: i for i, g in enumerate(node.config.pool)}
+        proc = Proc(self._pid, node, daemon)
         node.proc = proc
         self.log(
             name,
             f"START incarnation={incarnation} stale={stale} {'join' if planned else 'cold start'}",
         )
         self._mark(planned)
-        # Daemon.run: remove stale addresses (target empty), then open the socket and step.
-        if stale:
-            self._apply(proc, then=lambda: self._opened(proc))
-        else:
-            self._opened(proc)  # plan() would find nothing to do
-
-    def _opened(self, proc: Proc) -> None:
-        proc.open = True
-        self._flush(proc)
-        self._step(proc)
+        # The node lists the kernel, removes what an earlier run left, then opens its socket.
+        self._run(proc, daemon.start(now=self.now, wall=self.wall(node)))
 
     def crash(self, name: str) -> None:
         """SIGKILL of the daemon: the process is gone, its kernel addresses stay."""
@@ -379,18 +379,14 @@ class Sim:
         """Graceful stop (SIGTERM): hand over make-before-break, then exit."""
         node = self.nodes[name]
         proc = node.proc
-        if proc is None or proc.core.leaving:
+        if proc is None or proc.core.leaving or proc.missed_stop:
             return
         self.log(name, f"LEAVE held={sorted(proc.held_groups())}")
         self._mark(planned=True)
-        proc.core.leave()
-        proc.stop_deadline = self.now + self.timing.handover_timeout + STOP_GRACE
-        if not proc.open:
-            return  # still removing stale addresses: the first step sees `leaving`
         if node.stalled:
-            proc.missed_deadline = True
+            proc.missed_stop = True  # the signal handler runs when the loop does
         else:
-            self._step(proc)
+            self._stop(proc)
 
     def partition(self, *sides: Iterable[str]) -> None:
         """Cut both ways between the sides; nodes in no side form one more side together."""
@@ -482,25 +478,84 @@ class Sim:
             proc.wakeup_pending = True
             self.at(self.now + self.params.wakeup_latency, lambda: self._on_readable(proc))
 
-    # --- the daemon's loop -----------------------------------------------------------------
+    # --- the daemon's shell: inputs to the node, its orders carried out ------------------
 
     def _alive(self, proc: Proc) -> bool:
         return proc.node.proc is proc and proc.node.machine_up
+
+    def _run(self, proc: Proc, orders: list[Order]) -> None:
+        """Carry out a node's orders in order, as `vipd.daemon` does, on the virtual clock."""
+        for order in orders:
+            if not self._alive(proc):
+                return
+            if isinstance(order, SendDatagram):
+                self._broadcast(proc.node, order.data)
+            elif isinstance(order, SetTimer):
+                self._set_timer(proc, order)
+            elif isinstance(order, Log):
+                self._trace_log(proc, order)
+            elif isinstance(order, ClaimAddress | ReleaseAddress):
+                # Netlink on one worker thread: one operation at a time, each taking a while.
+                lo, hi = self.params.kernel_delay
+                delay = lo + self.rng.random() * (hi - lo)
+                self.at(self.now + delay, partial(self._op_done, proc, order))
+            elif isinstance(order, Announce):
+                self._announce(proc, str(order.address))
+            elif isinstance(order, AnnounceOnce):
+                self._frame(proc, str(order.address))
+            elif isinstance(order, CancelAnnounce):
+                proc.bursts.pop(str(order.address), None)
+            elif isinstance(order, ListAddresses):
+                self._list(proc, order)
+            elif isinstance(order, Exit):
+                self._exited(proc)
+            # OpenTransport, WatchConflicts (the one client hears every frame), RunHook,
+            # SaveOverrides, Notify: nothing to model.
+
+    def _trace_log(self, proc: Proc, order: Log) -> None:
+        f = order.fields
+        if order.source is not None:
+            if isinstance(order.source, _TRACED):
+                self.log(proc.name, repr(order.source))
+        elif order.event == "handover":
+            self.log(proc.name, f"handover {f['group']} -> {f['new_owner']}: {f['how']}")
+        elif order.event == "holding":
+            self.log(proc.name, f"holding: {f['reason']}")
+        elif order.event in ("reannounce", "defend"):
+            self.log(
+                proc.name,
+                f"{order.event} {f['group' if order.event == 'reannounce' else 'address']}",
+            )
+        elif order.event == "exiting":
+            self.log(proc.name, f"EXITING ({f['why']}) held={f['held']}")
+
+    def _set_timer(self, proc: Proc, order: SetTimer) -> None:
+        timer, when = order.timer, order.when
+        if timer is Timer.MEMBERSHIP:
+            proc.timer_at = when
+            proc.timer_gen += 1
+            if when is not None:
+                self.at(when, partial(self._on_timer, proc, proc.timer_gen))
+        elif timer is Timer.DEADLINE:
+            proc.deadline_at = when
+            proc.deadline_gen += 1
+            if when is not None:
+                self.at(when, partial(self._on_deadline, proc, proc.deadline_gen))
+        elif isinstance(timer, DefendTimer) and when is not None:
+            self.at(when, partial(self._defend, proc, timer))
 
     def _on_readable(self, proc: Proc) -> None:
         proc.wakeup_pending = False
         if not self._alive(proc) or proc.node.stalled:
             return
-        core, node = proc.core, proc.node
-        for _ in range(MAX_READS):
-            if not proc.inbox:
-                break
-            data, source = proc.inbox.popleft()
-            core.receive(data, source, now=self.now, wall=self.wall(node))
-        self._step(proc)
-        if proc.inbox and not proc.wakeup_pending:
+        batch = [proc.inbox.popleft() for _ in range(min(MAX_READS, len(proc.inbox)))]
+        self._run(proc, proc.daemon.receive(batch, now=self.now, wall=self.wall(proc.node)))
+        if self._alive(proc) and proc.inbox and not proc.wakeup_pending:
             proc.wakeup_pending = True
             self.at(self.now, lambda: self._on_readable(proc))
+
+    def _timer(self, proc: Proc, timer: TimerKey) -> None:
+        self._run(proc, proc.daemon.handle_timer(timer, now=self.now, wall=self.wall(proc.node)))
 
     def _on_timer(self, proc: Proc, gen: int) -> None:
         if not self._alive(proc) or gen != proc.timer_gen:
@@ -509,8 +564,7 @@ class Sim:
             proc.missed_timer = True
             return
         proc.timer_at = None
-        proc.core.handle_timer(now=self.now)
-        self._step(proc)
+        self._timer(proc, Timer.MEMBERSHIP)
 
     def _on_deadline(self, proc: Proc, gen: int) -> None:
         if not self._alive(proc) or gen != proc.deadline_gen:
@@ -519,7 +573,10 @@ class Sim:
             proc.missed_deadline = True
             return
         proc.deadline_at = None
-        self._step(proc)
+        self._timer(proc, Timer.DEADLINE)
+
+    def _stop(self, proc: Proc) -> None:
+        self._run(proc, proc.daemon.stop(now=self.now, wall=self.wall(proc.node)))
 
     def _resume(self, node: SimNode, proc: Proc, end: float) -> None:
         if node.stalled_until != end:
@@ -529,142 +586,53 @@ class Sim:
         self._mark(planned=False)
         if not self._alive(proc):
             return
+        # A SIGTERM that arrived during the stall is handled when the loop runs again.
+        if proc.missed_stop:
+            proc.missed_stop = False
+            self._stop(proc)
         # The worst order: overdue timers first, then the work that queued up.
         if proc.missed_timer or (proc.timer_at is not None and proc.timer_at <= self.now):
             proc.missed_timer = False
             proc.timer_at = None
             proc.timer_gen += 1
-            proc.core.handle_timer(now=self.now)
-            self._step(proc)
-        if proc.missed_deadline:
+            self._timer(proc, Timer.MEMBERSHIP)
+        if proc.missed_deadline and self._alive(proc):
             proc.missed_deadline = False
-            self._step(proc)
-        if proc.missed_op is not None:
-            op, proc.missed_op = proc.missed_op, None
-            self._op_continue(proc, op)
-        if proc.inbox and not proc.wakeup_pending:
+            proc.deadline_at = None
+            proc.deadline_gen += 1
+            self._timer(proc, Timer.DEADLINE)
+        if proc.missed_op is not None and self._alive(proc):
+            (op, ok), proc.missed_op = proc.missed_op, None
+            self._op_result(proc, op, ok)
+        if self._alive(proc) and proc.inbox and not proc.wakeup_pending:
             proc.wakeup_pending = True
             self.at(self.now, lambda: self._on_readable(proc))
 
-    def _step(self, proc: Proc) -> None:
-        """`Daemon._step`: events, decide, maybe finish a stop, arm the deadline, flush."""
-        core, ctl, name = proc.core, proc.controller, proc.name
-        while (event := core.next_event()) is not None:
-            ctl.observe(event, self.now)
-            if isinstance(event, _TRACED):
-                self.log(name, repr(event))
-        if proc.exiting:
-            self._flush(proc)
-            return
-        decision = ctl.decide(core, proc.held_groups(), self.now)
-        for o in decision.outcomes:
-            self.log(name, f"handover {o.group} -> {o.new_owner}: {o.how}")
-        if decision.reason != proc.reason:
-            self.log(name, f"holding: {decision.reason}")
-            proc.reason = decision.reason
-        for g in decision.quiet:  # Daemon._replan: announcer.cancel for a group moving away
-            for group in proc.node.config.pool:
-                if group.name == g:
-                    for a in group.addresses:
-                        proc.bursts.pop(str(a), None)
-        for g in decision.announce:
-            self._announce(proc, g, "reannounce")
-        if decision.hold != proc.target:
-            proc.target = decision.hold
-            self._apply(proc, then=lambda: self._step(proc))
-        if core.leaving and not proc.target and not any(proc.actual.values()):
-            self._exit(proc, "left")
-        elif proc.stop_deadline is not None and self.now >= proc.stop_deadline:
-            self._exit(proc, "stop deadline passed")
-        else:
-            self._arm_deadline(proc)
-        self._flush(proc)
-
-    def _arm_deadline(self, proc: Proc) -> None:
-        pending = [d for d in (proc.controller.next_deadline(), proc.stop_deadline) if d]
-        when = min(pending) if pending else None
-        if when == proc.deadline_at:
-            return
-        proc.deadline_at = when
-        proc.deadline_gen += 1
-        if when is not None:
-            gen = proc.deadline_gen
-            self.at(when, lambda: self._on_deadline(proc, gen))
-
-    def _flush(self, proc: Proc) -> None:
-        """`MembershipDriver.flush`: send what is due, re-arm the core's timer."""
-        if not proc.open or not self._alive(proc):
-            return
-        node = proc.node
-        for data in proc.core.datagrams_to_send(now=self.now, wall=self.wall(node)):
-            self._broadcast(node, data)
-        when = proc.core.get_timer()
-        if when == proc.timer_at:
-            return
-        proc.timer_at = when
-        proc.timer_gen += 1
-        gen = proc.timer_gen
-        self.at(when, lambda: self._on_timer(proc, gen))
-
-    def _exit(self, proc: Proc, why: str) -> None:
-        """`Daemon._shutdown`: release whatever is still held, flush a last heartbeat, exit."""
-        if proc.exiting:
-            return
-        proc.exiting = True
-        self.log(proc.name, f"EXITING ({why}) held={sorted(proc.held_groups())}")
-        proc.target = frozenset()
-        self._apply(proc, then=lambda: self._exited(proc))
-
     def _exited(self, proc: Proc) -> None:
-        proc.bursts.clear()  # announcer.close()
-        self._flush(proc)
-        proc.open = False
+        """`Exit`: the announcer closes, the process ends."""
+        proc.bursts.clear()
         proc.node.proc = None
         self.log(proc.name, "EXITED")
         self._mark(planned=True)
 
     # --- the kernel ------------------------------------------------------------------------
 
-    def _apply(self, proc: Proc, then: Callable[[], None]) -> None:
-        """`Daemon._apply_loop`: one pass at a time; a change during a pass runs another."""
-        proc.after_apply = then
-        if proc.applying:
-            proc.dirty = True
-            return
-        self._start_pass(proc)
+    def _list(self, proc: Proc, order: ListAddresses) -> None:
+        """The kernel's addresses per interface (the sim's kernel holds pool addresses only)."""
+        texts = self._pool_texts(proc.node.config)
+        found: dict[str, set[IPInterface]] = {iface: set() for iface in order.interfaces}
+        for text in proc.node.kernel:
+            entry = texts.get(text)
+            if entry is not None:
+                found.setdefault(entry[1], set()).add(entry[2])
+        wall = self.wall(proc.node)
+        self._run(proc, proc.daemon.kernel_listing(found, macs={}, now=self.now, wall=wall))
 
-    def _start_pass(self, proc: Proc) -> None:
-        proc.applying, proc.dirty = True, False
-        proc.ops = deque(plan(proc.node.config.pool, proc.target, proc.actual))
-        self._next_op(proc)
-
-    def _next_op(self, proc: Proc) -> None:
-        if proc.ops:
-            op = proc.ops[0]
-            if isinstance(op, ReleaseAddress):
-                proc.bursts.pop(str(op.address), None)  # Daemon._release: announcer.cancel
-            lo, hi = self.params.kernel_delay
-            self.at(self.now + lo + self.rng.random() * (hi - lo), lambda: self._op_done(proc, op))
-            return
-        # Pass complete: tell the core what we hold (announced at once), then step again.
-        index = proc.index
-        proc.core.set_held(frozenset(index[g] for g in proc.held_groups()), now=self.now)
-        proc.applying = False
-        if proc.dirty:
-            # The target changed during the pass: the daemon steps, then applies again.
-            if proc.open and not proc.exiting:
-                self._step(proc)
-            if not proc.applying:
-                self._start_pass(proc)
-            return
-        then, proc.after_apply = proc.after_apply, None
-        if then is not None:
-            then()
-
-    def _op_done(self, proc: Proc, op: ClaimAddress | ReleaseAddress) -> None:
+    def _op_done(self, proc: Proc, op: KernelOp) -> None:
         node = proc.node
         # The kernel carries out a request already sent, whatever became of the process.
-        if node.machine_up:
+        ok = node.machine_up
+        if ok:
             text = str(op.address)
             claim = isinstance(op, ClaimAddress)
             if (text in node.kernel) != claim:
@@ -679,39 +647,27 @@ class Sim:
         if not self._alive(proc):
             return
         if node.stalled:
-            proc.missed_op = op
+            proc.missed_op = (op, ok)
             return
-        self._op_continue(proc, op)
+        self._op_result(proc, op, ok)
 
-    def _op_continue(self, proc: Proc, op: ClaimAddress | ReleaseAddress) -> None:
-        if proc.ops and proc.ops[0] is op:
-            proc.ops.popleft()
-        proc._held = None
-        if isinstance(op, ClaimAddress):
-            proc.actual.setdefault(op.interface, set()).add(op.address)
-            self._announce(proc, op.group, "claim")
-        else:
-            proc.actual.get(op.interface, set()).discard(op.address)
-        self._next_op(proc)
+    def _op_result(self, proc: Proc, op: KernelOp, ok: bool) -> None:
+        wall = self.wall(proc.node)
+        self._run(proc, proc.daemon.kernel_result(op, ok=ok, now=self.now, wall=wall))
 
-    def _announce(self, proc: Proc, group: str, why: str) -> None:
-        """`Announcer.announce` for each address of the group: a frame now, repeats at the
-        configured offsets; a new announce restarts the schedule, a release cancels it."""
-        if why != "claim":
-            self.log(proc.name, f"{why} {group}")
-        for g in proc.node.config.pool:
-            if g.name != group:
-                continue
-            for a in g.addresses:
-                text = str(a)
-                self._burst_gen += 1
-                gen = self._burst_gen
-                proc.bursts[text] = gen
-                for offset in proc.node.config.announce.schedule:
-                    if offset <= 0:
-                        self._garp(proc, text, gen)
-                    else:
-                        self.at(self.now + offset, partial(self._garp, proc, text, gen))
+    # --- the announcer and the one client ----------------------------------------------
+
+    def _announce(self, proc: Proc, text: str) -> None:
+        """`Announcer.announce`: a frame now, repeats at the configured offsets; a new
+        announce restarts the schedule, a release cancels it."""
+        self._burst_gen += 1
+        gen = self._burst_gen
+        proc.bursts[text] = gen
+        for offset in proc.node.config.announce.schedule:
+            if offset <= 0:
+                self._garp(proc, text, gen)
+            else:
+                self.at(self.now + offset, partial(self._garp, proc, text, gen))
 
     def _garp(self, proc: Proc, address: str, gen: int) -> None:
         """One gratuitous ARP / unsolicited NA frame: the client's entry now points here."""
@@ -737,44 +693,25 @@ class Sim:
             else:
                 self._sighting(other, address)
 
-    def _defends(self, proc: Proc, address: str) -> bool:
-        """`Daemon._defending`: owned by placement and held."""
-        entry = self._pool_texts(proc.node.config).get(address)
-        return (
-            entry is not None
-            and entry[0] in proc.controller.owned
-            and entry[0] in proc.held_groups()
-        )
-
     def _sighting(self, proc: Proc, address: str) -> None:
-        """`Daemon._on_sighting`: another MAC announced an address: defend it now or when
-        the defend interval ends."""
-        assert proc.defend is not None
+        """The conflict listener hears another node's frame for `address`."""
+        if not self._alive(proc):
+            return
         entry = self._pool_texts(proc.node.config).get(address)
         if entry is None:
             return
-        ip = entry[2].ip
-        if not self._defends(proc, address):
-            if len(proc.defend):
-                proc.defend.forget(ip)
-            return
-        when = proc.defend.on_conflict(ip, self.now)
-        if when is not None:
-            self.at(when, partial(self._defend, proc, address))
+        orders = proc.daemon.sighting(
+            entry[2].ip, mac=b"\0" * 6, kind="announce", interface=entry[1], now=self.now
+        )
+        self._run(proc, orders)
 
-    def _defend(self, proc: Proc, address: str) -> None:
-        """`Daemon._defend_address`: one announcement (`announce_once`), schedule untouched."""
-        if not self._alive(proc) or proc.node.proc is not proc or proc.exiting:
+    def _defend(self, proc: Proc, timer: DefendTimer) -> None:
+        if not self._alive(proc):
             return
         if proc.node.stalled_until is not None:
-            self.at(proc.node.stalled_until, partial(self._defend, proc, address))
+            self.at(proc.node.stalled_until, partial(self._defend, proc, timer))
             return
-        if not self._defends(proc, address):
-            return
-        assert proc.defend is not None
-        proc.defend.defended(self._pool_texts(proc.node.config)[address][2].ip, self.now)
-        self.log(proc.name, f"defend {address}")
-        self._frame(proc, address)
+        self._timer(proc, timer)
 
     # --- views for the checker and the tests -------------------------------------------------
 

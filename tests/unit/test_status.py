@@ -209,7 +209,7 @@ class FakeCounters:
         self.core = core
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.core.counters)
+        return self.core.counters.as_dict()
 
     def rejected(self) -> dict[str, int]:
         return dict(self.core.rejected)
@@ -289,7 +289,7 @@ def reference_status(
             "drained": list(table.drained),
         },
         "counters": {
-            **dict(core.counters),
+            **core.counters.as_dict(),
             "rejected": dict(core.rejected),
             "hooks": {"run": 3, "failed": 0},
             "notify_sent": 2,

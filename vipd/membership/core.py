@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter, deque
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vipd.config import Config
+from vipd.counters import Counters
 from vipd.membership import wire
 from vipd.membership.admission import Admission
 from vipd.membership.events import (
@@ -42,6 +45,9 @@ from vipd.membership.events import (
 from vipd.membership.states import MONITORED, MemberState, Signal, next_state
 from vipd.membership.wire import DecodeError, Flag, Heartbeat, Reject, Stats
 from vipd.placement.overrides import Overrides
+
+if TYPE_CHECKING:
+    from vipd.memo import Memo
 
 #: How many heartbeats a leaving node sends at once: one lost datagram must not hide it.
 LEAVE_BURST = 3
@@ -100,6 +106,8 @@ class MembershipCore:
         incarnation: int,
         now: float,
         rng: random.Random,
+        counters: Counters | None = None,
+        memo: Memo | None = None,
     ) -> None:
         self.config = config
         self.timing = config.timing
@@ -137,8 +145,10 @@ class MembershipCore:
         self.held: frozenset[int] = frozenset()
         self._released: dict[int, float] = {}  # group index -> when we let go of it
         self.stats: Stats | None = None
-        self.counters: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter({r.value: 0 for r in Reject})
+        self.counters = counters if counters is not None else Counters()
+        # Pure checks, shared between nodes when a memo is given (the simulator).
+        self._verify = memo.verify if memo is not None else wire.verify
+        self._decode_body = memo.decode_body if memo is not None else wire.decode_body
         self.view = View()
         self._seq = 0
         self._events: deque[Event] = deque()
@@ -146,6 +156,11 @@ class MembershipCore:
         self._pending_burst = 0
         self._armed: float | None = None
         self._update_view()
+
+    @property
+    def rejected(self) -> Mapping[str, int]:
+        """Rejected datagrams by reason (read-only; `Counters` owns them)."""
+        return self.counters.rejections
 
     # --- inputs --------------------------------------------------------------------------
 
@@ -160,7 +175,7 @@ class MembershipCore:
             return
         drop, first = self._admission.limited(source, now)
         if drop:
-            self.rejected[Reject.RATE_LIMITED.value] += 1
+            self.counters.reject(Reject.RATE_LIMITED)
             if first:  # one event per dry spell: a flood must not queue one per datagram
                 self._events.append(
                     PacketRejected(Reject.RATE_LIMITED.value, source, None, "too many rejects")
@@ -171,17 +186,17 @@ class MembershipCore:
             env = wire.parse_envelope(data)
             sender = env.sender
             peer = self._admit(env, wall)
-            wire.verify(env, peer.public_keys)
-            hb = wire.decode_body(env)
+            self._verify(env, peer.public_keys)
+            hb = self._decode_body(env)
         except DecodeError as e:
             self._admission.charge(source, now)
             self._reject(e.reason, source, sender, e.detail)
             return
-        self.counters["rx_accepted"] += 1
+        self.counters.inc("rx_accepted")
         self._apply(peer, hb, now=now, wall=wall)
 
     def _reject(self, reason: Reject, source: str, sender: str | None, detail: str) -> None:
-        self.rejected[reason.value] += 1
+        self.counters.reject(reason)
         self._events.append(PacketRejected(reason.value, source, sender, detail))
 
     def _admit(self, env: wire.Envelope, wall: float) -> Peer:
@@ -228,7 +243,7 @@ class MembershipCore:
 
         config_ok = hb.config_digest == self._config_digest
         if not config_ok and peer.config_ok:
-            self.counters["config_mismatch"] += 1
+            self.counters.inc("config_mismatch")
             self._events.append(
                 ConfigMismatch(peer.name, hb.config_digest.hex(), self._config_digest.hex())
             )
@@ -269,7 +284,7 @@ class MembershipCore:
             # Our own loop ran late (GC, CPU starvation, suspended VM). Peers' heartbeats may
             # be sitting unread in the socket: give them a fresh chance instead of failing them.
             lag = now - self._armed
-            self.counters["loop_stalls"] += 1
+            self.counters.inc("loop_stalls")
             self._events.append(LoopStalled(round(lag, 3)))
             if lag >= self.timing.dead_after:
                 self._disrupted("loop stalled longer than dead_after", now)
@@ -407,7 +422,7 @@ class MembershipCore:
         # Jitter only shortens the period, so dead_after keeps its margin.
         interval = self.timing.heartbeat_interval
         self._next_heartbeat = now + interval * (1.0 - 0.1 * self._rng.random())
-        self.counters["tx_heartbeats"] += count
+        self.counters.inc("tx_heartbeats", count)
         horizon = now - 2 * self.timing.dead_after
         for index, when in list(self._released.items()):
             if when < horizon:
@@ -560,7 +575,7 @@ class MembershipCore:
         if new in MONITORED and old not in MONITORED:
             self._events.append(MemberJoined(peer.name, peer.incarnation))
         elif new == MemberState.DEAD:
-            self.counters["members_lost"] += 1
+            self.counters.inc("members_lost")
             self._events.append(MemberLost(peer.name, "timeout"))
         elif new == MemberState.LEFT and old in MONITORED:
             self._events.append(MemberLost(peer.name, "left"))
@@ -588,13 +603,13 @@ class MembershipCore:
         while self._disruptions and self._disruptions[0] < now - window:
             self._disruptions.popleft()
         recent = len(self._disruptions)
-        self.counters["self_disruptions"] += 1
+        self.counters.inc("self_disruptions")
         self._events.append(SelfDisrupted(reason, recent))
         if recent >= 2:
             seconds = self.timing.holddown * min(HOLDDOWN_MAX_FACTOR, 2 ** (recent - 2))
             self.holddown_until = now + seconds
             self._pending_burst = max(self._pending_burst, 1)
-            self.counters["holddowns"] += 1
+            self.counters.inc("holddowns")
             self._events.append(HolddownStarted(recent, seconds))
 
     def _update_view(self) -> None:

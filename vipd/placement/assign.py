@@ -100,7 +100,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from heapq import heapify, heappop, heappush
 from math import lcm
@@ -381,6 +381,10 @@ def assign(
     return _settle(gnames, _homes(gnames, tuple(sorted(full.items()))), members)
 
 
+#: `assign`'s shape: (groups, members -> weight, roster -> weight or None) -> group -> member.
+Assign = Callable[[Sequence[str], Mapping[str, int], Mapping[str, int] | None], dict[str, str]]
+
+
 def place(
     groups: Sequence[str],
     members: Mapping[str, int],
@@ -388,8 +392,10 @@ def place(
     *,
     pins: Mapping[str, str] | None = None,
     prefer: Mapping[str, Sequence[str]] | None = None,
+    assign_with: Assign | None = None,
 ) -> dict[str, str]:
-    """`assign`, then the operator's pins and the pool's preferences on top.
+    """`assign` (or `assign_with`, an equivalent such as `vipd.memo.Memo.assign`), then
+    the operator's pins and the pool's preferences on top.
 
     pins: group -> member (`vipctl move`, reload pins); prefer: group -> members, first
     choice first (Wackamole's Prefer). A group goes to its pinned member if that member is
@@ -400,7 +406,7 @@ def place(
     member receiving pinned or preferred groups holds them on top of its balanced share.
     Names that are not groups or not members are ignored (a table made on another config).
     """
-    placed = assign(groups, members, roster)
+    placed = (assign_with or assign)(groups, members, roster)
     for group in placed:
         target = pins.get(group) if pins else None
         if target is not None and target in members:

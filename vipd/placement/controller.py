@@ -30,6 +30,7 @@ kernel and the time; it answers with a `Decision`. The rules, in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vipd.config import Config
 from vipd.membership.core import MembershipCore
@@ -37,6 +38,9 @@ from vipd.membership.events import BecameReady, Event, MemberJoined, MemberLost,
 from vipd.placement.assign import place
 from vipd.placement.handover import HandoverOutcome, HandoverPolicy
 from vipd.placement.overrides import Overrides
+
+if TYPE_CHECKING:
+    from vipd.memo import Memo
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,9 @@ class Decision:
 
 
 class Controller:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, memo: Memo | None = None) -> None:
         self.node = config.node
+        self._assign = memo.assign if memo is not None else None  # shared between nodes
         self.roster_weights = {m.name: m.weight for m in config.roster}
         self.tiebreaker = min(self.roster_weights)
         self.policy = HandoverPolicy(config.node, config.timing.handover_timeout)
@@ -125,7 +130,12 @@ class Controller:
 
     def _place(self, members: dict[str, int], table: Overrides) -> dict[str, str | None]:
         placed = place(
-            self.groups, members, self.roster_weights, pins=table.pins(), prefer=self.prefer
+            self.groups,
+            members,
+            self.roster_weights,
+            pins=table.pins(),
+            prefer=self.prefer,
+            assign_with=self._assign,
         )
         return {g: placed.get(g) for g in self.groups}
 

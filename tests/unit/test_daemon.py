@@ -1,0 +1,210 @@
+"""The real daemon shell (`vipd.daemon.Daemon`) over in-memory fakes of its adapters.
+
+Three daemons run in one event loop, with real timers and the real control server (a unix
+socket under tmp_path); what is faked is what needs root or a wire: netlink
+(`FakeAddressManager`), the announcer, the conflict listener, the netlink watcher and the
+heartbeat socket (a hub that hands every datagram to the other members). The tests check what
+an operator relies on: every group held exactly once, a dead machine's groups taken over, and
+a graceful stop that hands over make-before-break and exits 0 with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeAddressManager, FakeAnnouncer
+from tests.sim.cluster import ClusterSpec, node_key
+from vipd.arp.listener import Sighting
+from vipd.config import PROFILES, Config
+from vipd.daemon import Daemon
+from vipd.kernel.heartbeats import OnDatagrams
+
+SPEC = ClusterSpec(nodes=3, groups=6, timing=PROFILES["fast"])
+
+
+class Hub:
+    """A lossless segment: every datagram reaches every other attached member."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, FakeTransport] = {}
+
+    def transport(self, config: Config, loop: asyncio.AbstractEventLoop) -> FakeTransport:
+        t = FakeTransport(self, config.node, loop)
+        self.members[config.node] = t
+        return t
+
+
+class FakeTransport:
+    def __init__(self, hub: Hub, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub, self.name, self.loop = hub, name, loop
+        self.receiver: OnDatagrams | None = None
+        self.sent = 0
+
+    def start(self, on_datagrams: OnDatagrams) -> None:
+        self.receiver = on_datagrams
+
+    def send(self, data: bytes) -> list[tuple[str, str]]:
+        self.sent += 1
+        for name, other in self.hub.members.items():
+            if name != self.name and other.receiver is not None:
+                self.loop.call_soon(other.receiver, [(data, f"fake-{self.name}")])
+        return []
+
+    def kernel_drops(self) -> int | None:
+        return 0
+
+    def close(self) -> None:
+        self.receiver = None
+        self.hub.members.pop(self.name, None)
+
+
+class Quiet:
+    """Conflict listener and netlink watcher: nothing happens on a fake segment."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[..., None]) -> None:
+        self.callback = callback  # what the real listener calls with a Sighting
+        self.watched: dict[str, frozenset[Any]] = {}
+
+    def watch(self, interface: str, addresses: Iterable[Any], own_mac: bytes | None) -> None:
+        self.watched[interface] = frozenset(addresses)
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Farm:
+    def __init__(self, tmp: Path) -> None:
+        self.hub = Hub()
+        self.kernels: dict[str, FakeAddressManager] = {}
+        self.daemons: dict[str, Daemon] = {}
+        self.runs: dict[str, asyncio.Task[int]] = {}
+        self.listeners: dict[str, Quiet] = {}
+        self.tmp = tmp
+
+    def start(self, name: str) -> None:
+        state = self.tmp / name
+        state.mkdir(exist_ok=True)
+        config = replace(
+            SPEC.config(name),
+            control_socket=state / "control.sock",
+            state_dir=state,
+            metrics_listen=None,
+        )
+        kernel = self.kernels.setdefault(name, FakeAddressManager({"eth0": bytes(6)}))
+        kernel.closed = False
+        daemon = Daemon(
+            config,
+            node_key(name),
+            addresses=kernel,
+            announcer_factory=lambda loop: FakeAnnouncer(),
+            transport_factory=self.hub.transport,
+            listener_factory=lambda loop, cb: self.listeners.setdefault(name, Quiet(loop, cb)),
+            watcher_factory=Quiet,
+            rng=random.Random(name),
+        )
+        self.daemons[name] = daemon
+        self.runs[name] = asyncio.get_running_loop().create_task(daemon.run())
+
+    def holders(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {g.name: [] for g in SPEC.config("n01").pool}
+        for name, kernel in sorted(self.kernels.items()):
+            for group in SPEC.config(name).pool:
+                if all(a in kernel.addresses.get("eth0", ()) for a in group.addresses):
+                    out[group.name].append(name)
+        return out
+
+    async def settle(self, members: Iterable[str], timeout: float = 10.0) -> None:
+        """Until every group is held by exactly one of `members` and nobody else."""
+        want = set(members)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            holders = self.holders()
+            if all(len(h) == 1 and h[0] in want for h in holders.values()):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"no settled ownership among {sorted(want)}: {holders}")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for name, daemon in self.daemons.items():
+            if not self.runs[name].done():
+                daemon.stop()
+        await asyncio.wait_for(asyncio.gather(*self.runs.values(), return_exceptions=True), 10)
+
+
+def test_failover_and_graceful_stop_through_the_daemon_shell(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        farm = Farm(tmp_path)
+        try:
+            for name in SPEC.names:
+                farm.start(name)
+            await farm.settle(SPEC.names)
+            status = farm.daemons["n01"].status().to_json()
+            assert sorted(status["view"]["members"]) == list(SPEC.names)
+            assert sum(g["held_here"] for g in status["pool"]) == 2  # 6 groups, 3 nodes
+
+            # Machine n03 dies: its process, its socket and its addresses are gone.
+            lost = [g for g, h in farm.holders().items() if h == ["n03"]]
+            farm.runs["n03"].cancel()
+            farm.hub.members.pop("n03").hub = Hub()  # cut off: it hears and reaches nobody
+            farm.kernels.pop("n03").closed = True
+            await farm.settle(["n01", "n02"])
+            assert lost, "n03 held groups before it died"
+
+            # n02 stops gracefully: every group keeps a holder at every instant, n02 exits 0
+            # with nothing left in its kernel and n01 holds the whole pool.
+            farm.daemons["n02"].stop()
+            gaps: list[dict[str, list[str]]] = []
+            while not farm.runs["n02"].done():
+                holders = farm.holders()
+                if any(not h for h in holders.values()):
+                    gaps.append(holders)
+                await asyncio.sleep(0.001)
+            assert farm.runs["n02"].result() == 0
+            assert not gaps, f"a group had no holder during the graceful stop: {gaps[0]}"
+            assert not farm.kernels["n02"].addresses["eth0"]
+            await farm.settle(["n01"])
+            counters = farm.daemons["n01"].status().counters
+            assert (counters.value("claims"), counters.value("releases")) == (6, 0)
+        finally:
+            await farm.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_conflict_is_defended_through_the_shell(tmp_path: Path) -> None:
+    """A sighting of another MAC on an address we own ends in one more announcement."""
+
+    async def scenario() -> None:
+        farm = Farm(tmp_path)
+        try:
+            farm.start("n01")
+            await farm.settle(["n01"], timeout=15)
+            daemon = farm.daemons["n01"]
+            announcer = daemon.announcer
+            assert isinstance(announcer, FakeAnnouncer)
+            address = SPEC.config("n01").pool[0].addresses[0]
+            other = bytes.fromhex("02aabbccddee")
+            listener = farm.listeners["n01"]
+            assert address.ip in listener.watched["eth0"]  # we own it: it is watched
+            listener.callback(Sighting("eth0", address.ip, other, "NA"))
+            for _ in range(200):
+                if announcer.announced_once(address):
+                    break
+                await asyncio.sleep(0.01)
+            assert announcer.announced_once(address) == 1
+            assert daemon.status().counters.value("conflicts") == 1
+        finally:
+            await farm.close()
+
+    asyncio.run(scenario())
