@@ -1,4 +1,5 @@
-"""Deterministic simulator of N vipd nodes (pure core + controller + a simulated kernel).
+"""Deterministic simulator of N vipd nodes: the shipped `vipd.node.node.Node` each, driven
+by a shell on a virtual clock, with a simulated network and kernel.
 
 Modules:
 
@@ -7,8 +8,6 @@ Modules:
 - `tests.sim.invariants`: the checker for I1-I6 and liveness, run after every step, and the
   list of known vipd defects it recognises.
 - `tests.sim.schedules`: seeded random fault schedules and the one-seed runner.
-- `tests.sim.fastpath`: equivalent-but-faster patches: memoised pure functions for the bulk
-  of the random sweep, plus an incremental view for the 256-node run.
 - `tests.sim.harness`: helpers for hand-written scenarios.
 
 Tests: `test_scenarios` (each design fault by hand), `test_random` (seeded schedules),

@@ -24,7 +24,6 @@ test_random.py), or
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from tests.sim.cluster import ClusterSpec
 from tests.sim.invariants import Checker, Stats, Violation, stable_after
 from tests.sim.simulator import NetParams, Sim, SimParams
 from vipd.config import PROFILES
+from vipd.memo import Memo
 
 #: Longest extra tail while hold-downs run out (8 x holddown is the longest hold-down).
 MAX_EXTENSION = 8 * PROFILES["lan"].holddown + 10.0
@@ -258,10 +258,20 @@ def replay_command(seed: int) -> str:
     return f"VIPD_SIM_SEED={seed} .venv/bin/pytest -s tests/sim/test_random.py -k schedules"
 
 
-def run_schedule(sched: Schedule, *, write_trace: bool | None = None) -> SeedResult:
-    """Play a schedule and check it. The trace is written if a check failed (or if asked)."""
+def run_schedule(
+    sched: Schedule, *, write_trace: bool | None = None, memo: Memo | None = None
+) -> SeedResult:
+    """Play a schedule and check it. The trace is written if a check failed (or if asked).
+    ``memo``: share pure results between the simulated nodes (`vipd.memo.Memo`)."""
     started = time.perf_counter()
-    sim = Sim(sched.spec, seed=sched.seed, net=sched.net, params=sched.params, skews=sched.skews)
+    sim = Sim(
+        sched.spec,
+        seed=sched.seed,
+        net=sched.net,
+        params=sched.params,
+        skews=sched.skews,
+        memo=memo,
+    )
     checker = Checker(sim)
     for a in sched.actions:
         sim.at(a.t, partial(_play, sim, a))
@@ -287,8 +297,8 @@ def run_schedule(sched: Schedule, *, write_trace: bool | None = None) -> SeedRes
     )
 
 
-def run_seed(seed: int, *, write_trace: bool | None = None) -> SeedResult:
-    return run_schedule(make_schedule(seed), write_trace=write_trace)
+def run_seed(seed: int, *, write_trace: bool | None = None, memo: Memo | None = None) -> SeedResult:
+    return run_schedule(make_schedule(seed), write_trace=write_trace, memo=memo)
 
 
 def run_seeds(
@@ -296,15 +306,12 @@ def run_seeds(
 ) -> list[tuple[int, list[str], str | None, float, float]]:
     """Worker entry point (picklable results): (seed, violations, trace path, virtual s, s).
 
-    ``memo``: memoise the pure functions every node repeats on the same inputs (signature
-    check and decoding of one datagram, placement of one view), one memo table per seed;
-    see `tests.sim.fastpath`. The shipped membership and controller code runs unchanged."""
-    from tests.sim.fastpath import fast_path
-
+    ``memo``: share the pure results every node repeats on the same inputs (signature
+    check and decoding of one datagram, placement of one view) through one `vipd.memo.Memo`
+    per seed, as the shipped code allows; nothing is patched."""
     out = []
     for seed in seeds:
-        with fast_path(incremental_view=False) if memo else contextlib.nullcontext():
-            r = run_seed(seed)
+        r = run_seed(seed, memo=Memo() if memo else None)
         out.append(
             (
                 seed,

@@ -33,9 +33,9 @@ from tests.sim.schedules import make_schedule, replay_command, run_schedule, run
 #: 0.5 s with the pure functions memoised (below).
 DEFAULT_SEEDS = 2000
 #: The first seeds of a sweep run with no memoisation at all: every node really verifies
-#: every datagram it receives. The rest memoise signature checks, decoding and placement
-#: across nodes (`tests.sim.fastpath`, memo-only: the shipped membership code runs as is;
-#: test_scale.test_fastpath_is_equivalent checks the traces are identical).
+#: every datagram it receives. The rest share signature checks, decoding and placement
+#: across nodes through a `vipd.memo.Memo` (test_scale.test_memo_is_equivalent checks the
+#: traces are identical).
 PLAIN_SEEDS = 200
 
 

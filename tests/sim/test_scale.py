@@ -10,15 +10,14 @@ loader): heartbeat 1 s, dead_after 3 s (the loader's minimum ratio; no loss here
 1.5 s, startup_wait 1.2 s; the loop reads its socket every 0.25 s (`wakeup_latency`, up to
 64 datagrams per read as the driver does) and has a 4096-datagram receive buffer.
 
-The 256-node run uses `tests.sim.fastpath` (memoised Ed25519 verify / body decode / placement,
-an incremental `_update_view`), each equivalent to the real code, which
-`test_fastpath_is_equivalent` checks trace for trace. Set ``VIPD_SIM_BIG_REAL=1`` to run it on
-the unpatched code (measured: 583 s on one core). The 64-node run always uses the unpatched code.
+The 256-node run shares one `vipd.memo.Memo` between its nodes (each Ed25519 check, body
+decode and placement computed once per process instead of once per receiver), which
+`test_memo_is_equivalent` checks trace for trace. Set ``VIPD_SIM_BIG_REAL=1`` to run it with
+no memo (measured: 583 s on one core). The 64-node run never uses one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from functools import partial
@@ -26,11 +25,11 @@ from functools import partial
 import pytest
 
 from tests.sim.cluster import ClusterSpec
-from tests.sim.fastpath import fast_path
 from tests.sim.invariants import Checker, Violation
 from tests.sim.schedules import make_schedule, run_schedule
 from tests.sim.simulator import NetParams, Sim, SimParams
 from vipd.config import Timing
+from vipd.memo import Memo
 
 BIG_TIMING = Timing(
     heartbeat_interval=1.0,
@@ -46,13 +45,16 @@ BIG_TIMING = Timing(
 )
 
 
-def _crash_and_join(nodes: int, groups: int) -> tuple[Sim, Checker, dict[str, float]]:
+def _crash_and_join(
+    nodes: int, groups: int, memo: Memo | None = None
+) -> tuple[Sim, Checker, dict[str, float]]:
     spec = ClusterSpec(nodes=nodes, groups=groups, timing=BIG_TIMING)
     sim = Sim(
         spec,
         seed=nodes,
         net=NetParams(delay=0.001, jitter=0.002, rcvbuf=4096),
         params=SimParams(wakeup_latency=0.25),
+        memo=memo,
     )
     checker = Checker(sim)
     names = sim.order
@@ -107,9 +109,8 @@ def _unexplained(violations: list[Violation]) -> list[Violation]:
 @pytest.mark.timeout(1800)  # VIPD_SIM_BIG_REAL=1 takes minutes
 def test_256_nodes_1000_groups_crash_and_join() -> None:
     real = os.environ.get("VIPD_SIM_BIG_REAL") == "1"
-    with contextlib.nullcontext() if real else fast_path():
-        sim, _, phases = _crash_and_join(256, 1000)
-    print(f"256 nodes ({'real' if real else 'fast path'}): {phases}, {sim.counters}")
+    sim, _, phases = _crash_and_join(256, 1000, memo=None if real else Memo())
+    print(f"256 nodes ({'no memo' if real else 'memo'}): {phases}, {sim.counters}")
 
 
 def test_64_nodes_real_code_crash_and_join() -> None:
@@ -118,13 +119,11 @@ def test_64_nodes_real_code_crash_and_join() -> None:
 
 
 @pytest.mark.parametrize("seed", [3, 11, 26])
-@pytest.mark.parametrize("incremental_view", [True, False], ids=["full", "memo-only"])
-def test_fastpath_is_equivalent(seed: int, incremental_view: bool) -> None:
-    """The fast path changes nothing: the same schedule gives the same trace, line for line.
-    Memo-only is what the bulk of the random sweep runs under (test_random)."""
+def test_memo_is_equivalent(seed: int) -> None:
+    """Sharing pure results changes nothing: the same schedule gives the same trace, line for
+    line, with and without a memo (what most of the random sweep runs under)."""
     plain = run_schedule(make_schedule(seed), write_trace=False)
-    with fast_path(incremental_view=incremental_view):
-        fast = run_schedule(make_schedule(seed), write_trace=False)
-    assert plain.sim.trace.lines == fast.sim.trace.lines
-    assert plain.sim.counters == fast.sim.counters
+    shared = run_schedule(make_schedule(seed), write_trace=False, memo=Memo())
+    assert plain.sim.trace.lines == shared.sim.trace.lines
+    assert plain.sim.counters == shared.sim.counters
     assert len(plain.sim.trace.lines) > 100
