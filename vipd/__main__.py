@@ -7,13 +7,13 @@ import asyncio
 import sys
 
 from vipd.arp.announcer import RawAnnouncer
-from vipd.config import Config, ConfigError, load_config
+from vipd.config import Config, load_config
 from vipd.daemon import Daemon
+from vipd.errors import VipdError
 from vipd.host.keys import load_node_key
 from vipd.host.log import configure_logging
 from vipd.kernel.addresses import NetlinkAddressManager
 from vipd.kernel.netif import mac_address
-from vipd.kernel.transport import TransportError
 
 
 def build_daemon(config: Config) -> Daemon:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         configure_logging(config.log_level, config.log_format)
         daemon = build_daemon(config)
-    except ConfigError as e:
+    except VipdError as e:
         print(f"vipd: {e}", file=sys.stderr)
         return 2
     if args.check:
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return asyncio.run(daemon.run())
-    except TransportError as e:
-        print(f"vipd: config error: {config.path}: {e.key}: {e}; {e.fix}", file=sys.stderr)
+    except VipdError as e:  # transport, control socket, state directory: cannot start
+        print(f"vipd: {e.describe(config.path)}", file=sys.stderr)
         return 2
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vipd.errors import ConfigError as ConfigError  # re-exported: callers import it here
+
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 #: Wire limits: the heartbeat's held-groups bitmap must fit one datagram.
@@ -52,20 +54,6 @@ PUBLIC_KEY_PREFIX = "ed25519:"
 #: Bump whenever vipd.placement.assign can place the same input differently (hash, ties,
 #: phases).
 PLACEMENT_VERSION = 1
-
-
-class ConfigError(Exception):
-    """A local configuration mistake: names the file, the key and the fix."""
-
-    def __init__(self, path: Path | str, key: str, problem: str, fix: str) -> None:
-        self.path = str(path)
-        self.key = key
-        self.problem = problem
-        self.fix = fix
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"config error: {self.path}: {self.key}: {self.problem}; {self.fix}"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from vipd.arp import frames
 from vipd.arp.announcer import Announcer
 from vipd.arp.listener import ConflictListener, Sighting
 from vipd.config import Config, ConfigError, IPInterface, load_config
+from vipd.errors import StateError
 from vipd.host import systemd
 from vipd.host.control import Caller, Command, ControlServer, RequestError
 from vipd.host.hooks import HookRunner
@@ -198,7 +199,7 @@ class Daemon:
                 case o.SaveOverrides(table) if self.config.state_dir is not None:
                     try:
                         save_overrides(self.config.state_dir, table)
-                    except OSError as e:
+                    except StateError as e:  # the table lives on in memory and in heartbeats
                         self._limited.error("overrides_not_saved", key="save", error=str(e))
                 case o.Notify(text):
                     systemd.notify(text)

@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from vipd.errors import ControlError
+
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 5.0
 
@@ -68,18 +70,43 @@ class ControlServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(self.path.lstat().st_mode):
-                self.path.unlink()  # left by a previous run; the systemd unit ensures one daemon
+        """Listen on the socket; a setup that cannot work is a ControlError (key and fix)."""
         if self.group is not None:
-            self._admin_gid = grp.getgrnam(self.group).gr_gid
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=str(self.path), limit=MAX_REQUEST
-        )
-        os.chmod(self.path, self.mode)
+            try:
+                self._admin_gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ControlError(
+                    None,
+                    "control.group",
+                    f"group {self.group!r} does not exist",
+                    f"create it (groupadd {self.group}) or remove control.group",
+                ) from None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(self.path.lstat().st_mode):
+                    self.path.unlink()  # a previous run's; the systemd unit ensures one daemon
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=MAX_REQUEST
+            )
+            os.chmod(self.path, self.mode)
+        except OSError as e:
+            raise ControlError(
+                None,
+                "control.socket",
+                f"cannot listen on {self.path} ({e.strerror or e})",
+                "choose a path in a directory vipd can write (short: at most 107 bytes)",
+            ) from None
         if self._admin_gid is not None:
-            os.chown(self.path, -1, self._admin_gid)
+            try:
+                os.chown(self.path, -1, self._admin_gid)
+            except OSError as e:
+                raise ControlError(
+                    None,
+                    "control.group",
+                    f"cannot give {self.path} to group {self.group!r} ({e.strerror or e})",
+                    "run vipd as root (or with CAP_CHOWN), or remove control.group",
+                ) from None
 
     async def close(self) -> None:
         if self._server is not None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vipd.errors import StateError
 from vipd.placement.overrides import Overrides, OverridesError
 
 FILE = "incarnation"
 
 
 def next_incarnation(state_dir: Path | None, wall: float) -> int:
+    """This run's incarnation: the start time in ms, above the last one recorded in
+    `state_dir` (a clock stepped back cannot reuse one). Raises StateError."""
     candidate = int(wall * 1000)
     if state_dir is None:
         return candidate
@@ -54,14 +57,24 @@ def load_overrides(state_dir: Path | None) -> Overrides | None:
 
 
 def save_overrides(state_dir: Path, table: Overrides) -> None:
-    """Atomically replace the persisted table (write, fsync, rename)."""
+    """Atomically replace the persisted table (write, fsync, rename). Raises StateError."""
     _write_atomic(state_dir / OVERRIDES_FILE, table.to_json() + "\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Write, fsync, rename; a failure is a StateError naming the file and the fix."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        raise StateError(
+            path,
+            "node.state_dir",
+            f"cannot write ({e.strerror or e})",
+            "make the directory writable by vipd (the systemd unit's StateDirectory) or free"
+            " space on its file system",
+        ) from None

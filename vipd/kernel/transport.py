@@ -1,7 +1,8 @@
 """The heartbeat socket: UDP multicast on one interface (TTL 1, loopback off), or unicast to
 each peer's roster address for networks that filter multicast.
 
-Only socket options live here; the protocol is in `core`, the event loop in `driver`.
+Only socket options live here; the protocol is in the core, the event loop in the daemon
+(`vipd.kernel.heartbeats` reads and sends).
 """
 
 from __future__ import annotations
@@ -12,16 +13,9 @@ import os
 import socket
 import struct
 
+from vipd.errors import TransportError as TransportError  # re-exported
+
 IP_MULTICAST_ALL = 49  # Linux: deliver only groups this socket joined (not in `socket`)
-
-
-class TransportError(Exception):
-    """The heartbeat socket cannot be set up: `key` is the config setting to look at."""
-
-    def __init__(self, message: str, key: str, fix: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.fix = fix
 
 
 def _ifindex(interface: str) -> int:

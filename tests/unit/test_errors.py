@@ -1,0 +1,72 @@
+"""Local errors name the file, the setting and the fix (`vipd.errors`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from vipd.config import ConfigError as ConfigFromConfig
+from vipd.errors import ConfigError, ControlError, StateError, TransportError, VipdError
+from vipd.host.control import ControlServer
+from vipd.host.state import next_incarnation, save_overrides
+from vipd.kernel.transport import TransportError as TransportFromTransport
+from vipd.placement.overrides import Overrides
+
+
+def test_every_local_error_is_a_vipd_error_importable_where_it_was() -> None:
+    for cls in (ConfigError, TransportError, StateError, ControlError):
+        assert issubclass(cls, VipdError)
+    assert ConfigFromConfig is ConfigError and TransportFromTransport is TransportError
+
+
+def test_the_config_error_line_is_unchanged() -> None:
+    e = ConfigError("/etc/vipd/vipd.toml", "cluster.port", "must be 1..65535", "fix the port")
+    assert (
+        str(e) == "config error: /etc/vipd/vipd.toml: cluster.port: must be 1..65535; fix the port"
+    )
+
+
+def test_a_transport_error_reads_like_a_config_error_with_the_file_added() -> None:
+    e = TransportError("interface 'eth9' does not exist", "cluster.interface", "use one that does")
+    assert str(e) == "interface 'eth9' does not exist"
+    assert e.describe("/etc/vipd/vipd.toml") == (
+        "config error: /etc/vipd/vipd.toml: cluster.interface: interface 'eth9' does not"
+        " exist; use one that does"
+    )
+
+
+def test_an_unwritable_state_dir_is_a_state_error_naming_the_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("a file where the directory should be")
+    with pytest.raises(StateError) as caught:
+        next_incarnation(state, 1_800_000_000.0)
+    assert caught.value.key == "node.state_dir"
+    assert str(state / "incarnation") in str(caught.value) and "writable" in str(caught.value)
+    with pytest.raises(StateError):
+        save_overrides(state, Overrides())
+
+
+def test_a_corrupt_incarnation_file_is_replaced_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "incarnation").write_text("not a number\n")
+    assert next_incarnation(tmp_path, 2.0) == 2000
+    assert (tmp_path / "incarnation").read_text() == "2000\n"
+
+
+def test_a_missing_control_group_is_a_control_error(tmp_path: Path) -> None:
+    server = ControlServer(tmp_path / "vipd.sock", 0o660, "vipd-no-such-group-x", {})
+    with pytest.raises(ControlError) as caught:
+        asyncio.run(server.start())
+    assert caught.value.key == "control.group"
+    assert "does not exist" in str(caught.value) and "groupadd" in str(caught.value)
+
+
+def test_an_impossible_control_socket_path_is_a_control_error(tmp_path: Path) -> None:
+    long = tmp_path / ("x" * 120) / "vipd.sock"
+    server = ControlServer(long, 0o660, None, {})
+    with pytest.raises(ControlError) as caught:
+        asyncio.run(server.start())
+    assert caught.value.key == "control.socket"
+    assert os.fspath(long) in str(caught.value)
