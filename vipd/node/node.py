@@ -248,6 +248,9 @@ class Node:
                     self.actual[iface] = set(real)
                     self._held = None
                     self._apply(_After.STEP)
+            if not self._applying and plan(self.config.pool, self.target, self.actual):
+                # A claim or release the kernel refused earlier: try it again now.
+                self._apply(_After.STEP)
         if self._dirty and not self._applying and not self._listing:
             self._start_pass()
         return self._take()
