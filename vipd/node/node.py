@@ -234,6 +234,7 @@ class Node:
             self.target = frozenset()
             self._apply(_After.OPEN)
         elif not self.exiting:
+            drifted = False
             for iface, real in pool.items():
                 have = self.actual.get(iface, set())
                 if have != real:
@@ -247,9 +248,9 @@ class Node:
                     self.counters.inc("drift_repairs")
                     self.actual[iface] = set(real)
                     self._held = None
-                    self._apply(_After.STEP)
-            if not self._applying and plan(self.config.pool, self.target, self.actual):
-                # A claim or release the kernel refused earlier: try it again now.
+                    drifted = True
+            # Drift, or a claim or release the kernel refused earlier: a pass puts it right.
+            if drifted or plan(self.config.pool, self.target, self.actual):
                 self._apply(_After.STEP)
         if self._dirty and not self._applying and not self._listing:
             self._start_pass()
