@@ -62,12 +62,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vipd.memo import Memo
-
 from tests.sim.cluster import ClusterSpec, node_key, node_public_key
 from vipd.config import Config, IPInterface
 from vipd.membership import events as ev
 from vipd.membership.core import MembershipCore
+from vipd.memo import Memo
 from vipd.node.node import KernelOp, Node
 from vipd.node.orders import (
     Announce,
