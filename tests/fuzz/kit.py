@@ -783,7 +783,7 @@ SOURCES = tuple(f"198.51.100.{i}" for i in range(10, 74))
 @dataclass
 class Receiver:
     """One long-lived receiver fed the way the daemon feeds it: events drained after every
-    MAX_READS_PER_WAKEUP datagrams (the driver's read batch). Datagrams come from SOURCES in
+    MAX_READS_PER_WAKEUP datagrams (the daemon's read batch). Datagrams come from SOURCES in
     turn and the clock moves `step` seconds per datagram, so each source sees about 1.5
     datagrams a second: a per-source budget for rejections never runs dry and every
     datagram reaches the decoder."""

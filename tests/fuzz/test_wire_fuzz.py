@@ -455,14 +455,14 @@ def _warm_receiver() -> Receiver:
 
 
 def _pour(rx: Receiver, datagrams: tuple[bytes, ...], *, drain: bool) -> None:
-    """core.receive as the driver calls it, without the per-datagram checks of Receiver
+    """core.receive as the node calls it, without the per-datagram checks of Receiver
     (their snapshots would be measured too)."""
     core, sources, now = rx.core, kit.SOURCES, rx.now
     for i, data in enumerate(datagrams):
         now += 0.01
         core.receive(data, sources[i % len(sources)], now=now, wall=WALL0)
         if drain and i % MAX_READS_PER_WAKEUP == MAX_READS_PER_WAKEUP - 1:
-            kit.drain(core)  # as the driver does after each batch of reads
+            kit.drain(core)  # as the node does after each batch of reads
     rx.now = now
 
 

@@ -8,7 +8,7 @@ cluster; the checker runs throughout (I2 zero gap on the join, I3, failover boun
 Cost: every heartbeat is received N - 1 times. Timing for these runs (valid for the config
 loader): heartbeat 1 s, dead_after 3 s (the loader's minimum ratio; no loss here), settle
 1.5 s, startup_wait 1.2 s; the loop reads its socket every 0.25 s (`wakeup_latency`, up to
-64 datagrams per read as the driver does) and has a 4096-datagram receive buffer.
+64 datagrams per read as the daemon does) and has a 4096-datagram receive buffer.
 
 The 256-node run shares one `vipd.memo.Memo` between its nodes (each Ed25519 check, body
 decode and placement computed once per process instead of once per receiver), which
