@@ -34,23 +34,20 @@ from vipd.host.ratelimit import RateLimitedLog
 from vipd.host.state import load_overrides, next_incarnation, save_overrides
 from vipd.host.stats import StatsCollector
 from vipd.kernel.address_events import AddressChange, AddressWatcher, Resync
-from vipd.kernel.addresses import (
-    AddressError,
-    AddressManager,
-    InterfaceMissing,
-)
+from vipd.kernel.addresses import AddressError, AddressManager, InterfaceMissing
 from vipd.kernel.heartbeats import Transport, open_transport
 from vipd.kernel.transport import TransportError
 from vipd.node import orders as o
 from vipd.node.node import CommandRejected, Node
 from vipd.node.reload import ReloadRefused
 from vipd.node.status import Status
-from vipd.placement.overrides import OverridesError
+from vipd.placement.overrides import Overrides, OverridesError
 
 log = structlog.get_logger("vipd")
 
 STATS_INTERVAL = 1.0
 HOOK_GRACE = 2.0  # at exit, how long running hooks (post_down...) may still take
+SAVE_GRACE = 2.0  # at exit, how long the last operator-table write may still take
 
 Listener = Callable[[asyncio.AbstractEventLoop, Callable[[Sighting], None]], Any]
 Watcher = Callable[[asyncio.AbstractEventLoop, Callable[[AddressChange | Resync], None]], Any]
@@ -86,6 +83,8 @@ class Daemon:
         self._timers: dict[o.TimerKey, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._kernel: asyncio.Task[None] | None = None  # the one netlink job in flight
+        self._saving: asyncio.Task[None] | None = None
+        self._unsaved: Overrides | None = None
         self._limited = RateLimitedLog(log, interval=10.0)
         self._reconcile_now = asyncio.Event()
         self._exit = asyncio.Event()
@@ -153,6 +152,9 @@ class Daemon:
                 await task
         for handle in self._timers.values():
             handle.cancel()
+        if self._saving is not None:  # the last table adopted reaches the disk, if it can
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._saving), SAVE_GRACE)
         if self.transport is not None:
             self.transport.close()
         await self.control.close()
@@ -197,14 +199,27 @@ class Daemon:
                 case o.OpenTransport():
                     self._open_transport()
                 case o.SaveOverrides(table) if self.config.state_dir is not None:
-                    try:
-                        save_overrides(self.config.state_dir, table)
-                    except StateError as e:  # the table lives on in memory and in heartbeats
-                        self._limited.error("overrides_not_saved", key="save", error=str(e))
+                    self._save(table)
                 case o.Notify(text):
                     systemd.notify(text)
                 case o.Exit():
                     self._exit.set()
+
+    def _save(self, table: Overrides) -> None:
+        """Write the operator table off the loop (fsync on a slow disk must not delay a
+        heartbeat); one writer, and only the newest table still waiting is written."""
+        self._unsaved = table
+        if self._saving is None or self._saving.done():
+            self._saving = self.loop.create_task(self._save_loop())
+
+    async def _save_loop(self) -> None:
+        assert self.config.state_dir is not None
+        while self._unsaved is not None:
+            table, self._unsaved = self._unsaved, None
+            try:
+                await asyncio.to_thread(save_overrides, self.config.state_dir, table)
+            except StateError as e:  # the table lives on in memory and in heartbeats
+                self._limited.error("overrides_not_saved", key="save", error=str(e))
 
     def _log(self, order: o.Log) -> None:
         if order.limit_key is not None and order.level in ("warning", "error"):

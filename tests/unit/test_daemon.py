@@ -208,3 +208,58 @@ def test_a_conflict_is_defended_through_the_shell(tmp_path: Path) -> None:
             await farm.close()
 
     asyncio.run(scenario())
+
+
+def test_a_slow_disk_does_not_stall_the_loop(tmp_path: Path, monkeypatch: Any) -> None:
+    """`vipctl move` makes every node save the adopted table (write + fsync). With a disk
+    that takes 0.4 s per write, the loop must keep running: its worst lag stays far below
+    dead_after, and the table still reaches the disk."""
+    import time
+
+    import vipd.daemon
+    from vipd.host.control import request
+    from vipd.host.state import load_overrides
+
+    real_save = vipd.daemon.save_overrides
+
+    def slow_save(state_dir: Path, table: Any) -> None:
+        time.sleep(0.4)  # blocks whichever thread runs it
+        real_save(state_dir, table)
+
+    monkeypatch.setattr(vipd.daemon, "save_overrides", slow_save)
+
+    async def scenario() -> float:
+        farm = Farm(tmp_path)
+        try:
+            for name in SPEC.names:
+                farm.start(name)
+            await farm.settle(SPEC.names)
+            loop = asyncio.get_running_loop()
+            worst = 0.0
+
+            async def ticker() -> None:
+                nonlocal worst
+                while True:
+                    before = loop.time()
+                    await asyncio.sleep(0.005)
+                    worst = max(worst, loop.time() - before - 0.005)
+
+            tick = loop.create_task(ticker())
+            sock = tmp_path / "n01" / "control.sock"
+            move = {"cmd": "move", "group": "g0000", "node": "n02"}
+            reply = await asyncio.to_thread(request, sock, move)
+            assert reply["ok"], reply
+            for _ in range(300):  # every node adopts the table and writes it
+                tables = [load_overrides(tmp_path / n) for n in SPEC.names]
+                if all(t is not None and t.version == 1 for t in tables):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"the adopted table did not reach every disk: {tables}")
+            tick.cancel()
+            return worst
+        finally:
+            await farm.close()
+
+    worst = asyncio.run(scenario())
+    assert worst < SPEC.timing.dead_after / 3, f"the loop stalled {worst:.3f} s"

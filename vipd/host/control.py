@@ -160,7 +160,8 @@ class ControlServer:
                     f"unknown command {name!r}; known: {', '.join(sorted(self.commands))}"
                 )
             if command.mutating:
-                if not self.allowed(caller):
+                # The group lookup may ask a slow name service (LDAP...): not on the loop.
+                if not await asyncio.to_thread(self.allowed, caller):
                     log.warning("control_refused", cmd=name, uid=caller.uid, pid=caller.pid)
                     raise RequestError(f"{name} needs root or the admin group")
                 log.info("control_command", cmd=name, uid=caller.uid, pid=caller.pid)
