@@ -218,9 +218,9 @@ def test_a_slow_disk_does_not_stall_the_loop(tmp_path: Path, monkeypatch: Any) -
 
     import vipd.daemon
     from vipd.host.control import request
-    from vipd.host.state import load_overrides
+    from vipd.host.state import load_overrides, save_overrides
 
-    real_save = vipd.daemon.save_overrides
+    real_save = save_overrides
 
     def slow_save(state_dir: Path, table: Any) -> None:
         time.sleep(0.4)  # blocks whichever thread runs it
