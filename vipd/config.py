@@ -34,12 +34,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from vipd.errors import ConfigError as ConfigError  # re-exported: callers import it here
 
@@ -346,9 +347,15 @@ class _Reader:
 
     def number(self, value: Mapping[str, Any], key: str, where: str, default: float) -> float:
         v = value.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        if not _finite(v) or v <= 0:
             raise self.fail(f"{where}.{key}", f"must be a positive number, not {v!r}", "e.g. 0.5")
         return float(v)
+
+
+def _finite(v: object) -> TypeGuard[int | float]:
+    """A real number: TOML also has nan and inf, which compare false with everything and
+    would slip through any range check."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_config(path: str | Path) -> Config:
@@ -671,7 +678,7 @@ def _parse_announce(r: _Reader, a: Mapping[str, Any]) -> Announce:
         not isinstance(schedule, list)
         or not schedule
         or len(schedule) > 20
-        or any(isinstance(s, bool) or not isinstance(s, int | float) or s < 0 for s in schedule)
+        or any(not _finite(s) or s < 0 for s in schedule)
     ):
         raise r.fail(
             "announce.schedule",
@@ -680,7 +687,7 @@ def _parse_announce(r: _Reader, a: Mapping[str, Any]) -> Announce:
         )
     defaults = Announce()
     refresh = a.get("refresh_interval", defaults.refresh_interval)
-    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 0:
+    if not _finite(refresh) or refresh < 0:
         raise r.fail(
             "announce.refresh_interval",
             f"{refresh!r} is not a number of seconds",

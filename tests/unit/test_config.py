@@ -233,3 +233,26 @@ def test_keygen_prints_a_roster_entry(tmp_path: Path) -> None:
     key = load_private_key(out, "x")
     assert f'public_keys = ["{public_key_line(key)}"]' in proc.stdout
     assert 'name = "n7"' in proc.stdout
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("timing.heartbeat_interval", "timing.heartbeat_interval"),
+        ("timing.dead_after", "timing.dead_after"),
+        ("timing.handover_timeout", "timing.handover_timeout"),
+        ("announce.defend_interval", "announce.defend_interval"),
+        ("announce.notify_rate", "announce.notify_rate"),
+        ("announce.refresh_interval", "announce.refresh_interval"),
+        ("announce.schedule", "announce.schedule"),
+    ],
+)
+def test_nan_and_infinity_are_refused(path: str, key: str, value: float) -> None:
+    """TOML has nan and inf; a NaN heartbeat interval used to pass and then send almost no
+    heartbeats (issue 11 item 4). Every number must be finite."""
+    e = error_for(mutate(path, [0, value] if path.endswith("schedule") else value))
+    assert e.key == key
