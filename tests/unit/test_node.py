@@ -183,3 +183,23 @@ def test_a_stop_releases_through_a_normal_pass_then_exits() -> None:
     assert {h.reason for h in downs} == {"leaving"}  # handed over while leaving, not at exit
     assert len([h for h in downs if h.event == "post_down"]) == 4
     assert shell.node.handle_timer(o.Timer.MEMBERSHIP, now=9.0, wall=WALL0) == []
+
+
+def test_a_stop_during_an_in_flight_claim_releases_that_address_too() -> None:
+    """Issue 11 item 9: the old daemon cancelled its apply task at exit, so a claim netlink
+    finished after the cancel stayed in the kernel. The node waits for the answer and
+    releases what it got."""
+    shell = Shell()
+    shell.do(shell.node.start(now=0.0, wall=WALL0))
+    shell.hold = True  # the first claims are in flight when the stop comes
+    shell.run(SPEC.timing.mature_after + 0.5)
+    assert [type(x) for x in shell.held_back] == [o.ClaimAddress]
+    shell.do(shell.node.stop(now=shell.now, wall=shell.wall))
+    assert not shell.orders(o.Exit), "no exit with a kernel job in flight"
+    claim = shell.held_back.pop()
+    shell.hold = False
+    shell.answer(claim)  # netlink finishes the claim after the stop
+    shell.do([])
+    shell.run(0.5)
+    assert not shell.kernel, f"left in the kernel: {shell.kernel}"
+    assert shell.orders(o.Exit)
