@@ -49,8 +49,9 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 #: Wire limits: the heartbeat's held-groups bitmap must fit one datagram.
 MAX_POOL_GROUPS = 4096
 MAX_ROSTER = 1024
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,14}$")
+# Used with fullmatch: a `$` would also match before a trailing newline ("web1\n").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,14}")
 PUBLIC_KEY_PREFIX = "ed25519:"
 #: Bump whenever vipd.placement.assign can place the same input differently (hash, ties,
 #: phases).
@@ -315,7 +316,7 @@ class _Reader:
 
     def name(self, value: Mapping[str, Any], key: str, where: str) -> str:
         v = self.string(value, key, where)
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise self.fail(
                 f"{where}.{key}",
                 f"{v!r} is not a valid name",
@@ -325,7 +326,7 @@ class _Reader:
 
     def ifname(self, value: Mapping[str, Any], key: str, where: str) -> str:
         v = self.string(value, key, where)
-        if not IFNAME_RE.match(v):
+        if not IFNAME_RE.fullmatch(v):
             raise self.fail(
                 f"{where}.{key}",
                 f"{v!r} is not a valid interface name",
@@ -381,7 +382,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     key_file = Path(r.string(node, "private_key_file", "node"))
     if not key_file.is_absolute():
         key_file = path.parent / key_file
-    state_dir = Path(node["state_dir"]) if "state_dir" in node else None
+    state_dir = Path(r.string(node, "state_dir", "node")) if "state_dir" in node else None
     if state_dir is not None and not state_dir.is_absolute():
         state_dir = path.parent / state_dir
 

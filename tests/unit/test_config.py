@@ -256,3 +256,18 @@ def test_nan_and_infinity_are_refused(path: str, key: str, value: float) -> None
     heartbeats (issue 11 item 4). Every number must be finite."""
     e = error_for(mutate(path, [0, value] if path.endswith("schedule") else value))
     assert e.key == key
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        ("node.name", "n1\n", "node.name"),
+        ("cluster.interface", "eth0\n", "cluster.interface"),
+        ("node.state_dir", 5, "node.state_dir"),
+        ("node.state_dir", "", "node.state_dir"),
+    ],
+)
+def test_names_and_paths_are_checked_whole(path: str, value: Any, key: str) -> None:
+    """Issue 11 item 14: "web1\\n" passed the name check (a `$` matches before a final
+    newline) and `state_dir = 5` was a TypeError traceback."""
+    assert error_for(mutate(path, value)).key == key

@@ -15,6 +15,7 @@ from vipd.errors import StateError
 from vipd.placement.overrides import Overrides, OverridesError
 
 FILE = "incarnation"
+MAX_INCARNATION = 2**63  # far beyond any clock in ms, and one more still fits a u64
 
 
 def next_incarnation(state_dir: Path | None, wall: float) -> int:
@@ -28,17 +29,27 @@ def next_incarnation(state_dir: Path | None, wall: float) -> int:
         previous = int(path.read_text().strip())
     except (OSError, ValueError):
         previous = 0
+    if not 0 <= previous < MAX_INCARNATION:
+        previous = 0  # damaged: one more would not fit the wire's u64 (a crash loop)
     incarnation = max(candidate, previous + 1)
     _write_atomic(path, f"{incarnation}\n")
     return incarnation
 
 
 OVERRIDES_FILE = "overrides.json"
+STATE_SETTING = "node.state_dir"
+_DAMAGED_FIX = "restore a good copy or remove it, then repeat the moves and drains with vipctl"
+
+
+class OverridesFileError(StateError, OverridesError):
+    """The persisted operator table cannot be read or is damaged: a StateError (path, key,
+    fix) that is also the OverridesError the daemon catches to start with no overrides."""
 
 
 def load_overrides(state_dir: Path | None) -> Overrides | None:
     """The operator table persisted by `save_overrides`, or None if there is none.
-    Raises OverridesError (with the path) if the file is damaged."""
+    Raises OverridesFileError (an OverridesError with the path and fix) if the file cannot
+    be read or is damaged."""
     if state_dir is None:
         return None
     path = state_dir / OVERRIDES_FILE
@@ -47,13 +58,19 @@ def load_overrides(state_dir: Path | None) -> Overrides | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise OverridesError(f"{path}: cannot read ({e.strerror})") from None
+        raise OverridesFileError(
+            path,
+            STATE_SETTING,
+            f"cannot read ({e.strerror or e})",
+            "make it readable by vipd (the systemd unit's StateDirectory)",
+            e.errno,
+        ) from None
     except UnicodeDecodeError:
-        raise OverridesError(f"{path}: not UTF-8") from None
+        raise OverridesFileError(path, STATE_SETTING, "not UTF-8", _DAMAGED_FIX) from None
     try:
         return Overrides.from_json(text)
     except OverridesError as e:
-        raise OverridesError(f"{path}: {e}") from None
+        raise OverridesFileError(path, STATE_SETTING, str(e), _DAMAGED_FIX) from None
 
 
 def save_overrides(state_dir: Path, table: Overrides) -> None:
@@ -70,11 +87,18 @@ def _write_atomic(path: Path, text: str) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         tmp.replace(path)
+        # The rename itself is durable only once the directory is synced.
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except OSError as e:
         raise StateError(
             path,
-            "node.state_dir",
+            STATE_SETTING,
             f"cannot write ({e.strerror or e})",
             "make the directory writable by vipd (the systemd unit's StateDirectory) or free"
             " space on its file system",
+            e.errno,
         ) from None
