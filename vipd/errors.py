@@ -44,6 +44,7 @@ class ConfigError(VipdError):
 
     def __init__(self, path: Path | str, key: str, problem: str, fix: str) -> None:
         super().__init__(path, key, problem, fix)
+        self.args = (str(self),)  # as before the move: repr() shows the whole line
 
 
 class TransportError(VipdError):
@@ -59,10 +60,26 @@ class TransportError(VipdError):
         return self.problem
 
 
-class StateError(VipdError):
-    """A file in `node.state_dir` cannot be written (or read back)."""
+class StateError(VipdError, OSError):
+    """A file in `node.state_dir` cannot be written (or read back).
+
+    Also an OSError (`filename` is the file, `errno` the cause's when there is one), so code
+    that guarded the state files with ``except OSError`` keeps catching it."""
 
     kind = "state error"
+
+    def __init__(
+        self,
+        path: Path | str,
+        key: str,
+        problem: str,
+        fix: str,
+        errno: int | None = None,
+    ) -> None:
+        super().__init__(path, key, problem, fix)
+        self.errno = errno
+        self.strerror = problem
+        self.filename = str(path)
 
 
 class ControlError(VipdError):
