@@ -10,6 +10,7 @@ from vipd.arp.announcer import RawAnnouncer
 from vipd.config import Config, load_config
 from vipd.daemon import Daemon
 from vipd.errors import VipdError
+from vipd.host.control import resolve_group
 from vipd.host.keys import load_node_key
 from vipd.host.log import configure_logging
 from vipd.kernel.addresses import NetlinkAddressManager
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vipd: {e}", file=sys.stderr)
         return 2
     if args.check:
+        try:  # what the config file alone cannot tell: does the system have the group?
+            if config.control_group is not None:
+                resolve_group(config.control_group)
+        except VipdError as e:
+            print(f"vipd: {e.describe(config.path)}", file=sys.stderr)
+            return 2
         print(f"vipd: {args.config}: OK ({len(config.roster)} members, {len(config.pool)} groups)")
         return 0
     try:

@@ -107,9 +107,8 @@ class Daemon:
         self.listener = self._listener_factory(loop, self._on_sighting)
         self.watcher = self._watcher_factory(loop, self._on_address_change)
         self._load_overrides()
-        self._opened: asyncio.Future[None] = loop.create_future()
-        self._do(self.node.start(now=loop.time(), wall=self._wall()))
-        await self._opened  # stale addresses removed, transport open (or TransportError)
+        # The control socket first: a setup that cannot work stops us before we touch the
+        # kernel (the stale-address cleanup).
         self.control = ControlServer(
             cfg.control_socket,
             cfg.control_mode,
@@ -124,6 +123,9 @@ class Daemon:
             },
         )
         await self.control.start()
+        self._opened: asyncio.Future[None] = loop.create_future()
+        self._do(self.node.start(now=loop.time(), wall=self._wall()))
+        await self._opened  # stale addresses removed, transport open (or TransportError)
         self.metrics = StatusCollector()
         self._exporter = serve(cfg.metrics_listen, self.metrics) if cfg.metrics_listen else None
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -363,13 +365,13 @@ class Daemon:
     def _reload_on_signal(self) -> None:
         try:
             self.reload()
-        except (ConfigError, ReloadRefused) as e:
+        except (ConfigError, ReloadRefused, CommandRejected) as e:
             log.error("reload_failed", error=str(e), detail="config unchanged")
 
     async def _cmd_reload(self, request: dict[str, Any], caller: Caller) -> Any:
         try:
             return {"changes": self.reload()}
-        except (ConfigError, ReloadRefused) as e:
+        except (ConfigError, ReloadRefused, CommandRejected) as e:
             log.error("reload_failed", error=str(e), uid=caller.uid, detail="config unchanged")
             raise RequestError(str(e)) from None
 

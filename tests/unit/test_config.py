@@ -271,3 +271,23 @@ def test_names_and_paths_are_checked_whole(path: str, value: Any, key: str) -> N
     """Issue 11 item 14: "web1\\n" passed the name check (a `$` matches before a final
     newline) and `state_dir = 5` was a TypeError traceback."""
     assert error_for(mutate(path, value)).key == key
+
+
+def test_check_refuses_a_control_group_that_does_not_exist(tmp_path: Path) -> None:
+    """Issue 11 item 8: an unknown control.group passed `vipd --check` and was a KeyError
+    traceback at start, after stale addresses were already removed."""
+    key = tmp_path / "n1.key"
+    generate_key_file(key)
+    line = public_key_line(load_private_key(key, "x"))
+    cfg = tmp_path / "vipd.toml"
+    cfg.write_text(
+        f'[node]\nname = "n1"\nprivate_key_file = "{key}"\n'
+        '[cluster]\nname = "web"\ninterface = "lo"\n'
+        f'[control]\nsocket = "{tmp_path}/s"\ngroup = "vipd-no-such-group-x"\n'
+        f'[[roster]]\nname = "n1"\npublic_keys = ["{line}"]\n'
+    )
+    argv = [sys.executable, "-m", "vipd", "--config", str(cfg), "--check"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"vipd: config error: {cfg}: control.group: group ")
+    assert "does not exist" in proc.stderr

@@ -203,3 +203,20 @@ def test_a_stop_during_an_in_flight_claim_releases_that_address_too() -> None:
     shell.run(0.5)
     assert not shell.kernel, f"left in the kernel: {shell.kernel}"
     assert shell.orders(o.Exit)
+
+
+def test_operator_commands_wait_until_the_node_runs() -> None:
+    """The control socket opens before the start-up cleanup (so a bad control setup stops
+    the daemon before it touches the kernel); a command in that window is refused, never
+    allowed to re-plan under the cleanup."""
+    shell = Shell()
+    shell.hold = True
+    shell.do(shell.node.start(now=0.0, wall=WALL0))
+    with pytest.raises(CommandRejected, match="starting"):
+        shell.node.command("rebalance", {}, uid=0, now=0.0, wall=WALL0)
+    shell.hold = False
+    shell.do([])
+    shell.answer(shell.held_back.pop())
+    assert shell.node.opened
+    reply, _ = shell.node.command("rebalance", {}, uid=0, now=0.1, wall=WALL0)
+    assert reply["change"] == "no reload pins"

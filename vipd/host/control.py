@@ -72,15 +72,7 @@ class ControlServer:
     async def start(self) -> None:
         """Listen on the socket; a setup that cannot work is a ControlError (key and fix)."""
         if self.group is not None:
-            try:
-                self._admin_gid = grp.getgrnam(self.group).gr_gid
-            except KeyError:
-                raise ControlError(
-                    None,
-                    "control.group",
-                    f"group {self.group!r} does not exist",
-                    f"create it (groupadd {self.group}) or remove control.group",
-                ) from None
+            self._admin_gid = resolve_group(self.group)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -170,6 +162,19 @@ class ControlServer:
             return {"ok": False, "error": str(e)}
         except RecursionError:  # json.loads on a line of a thousand "["
             return {"ok": False, "error": "request nested too deeply"}
+
+
+def resolve_group(name: str) -> int:
+    """The gid of `control.group`; a ControlError if the group does not exist."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ControlError(
+            None,
+            "control.group",
+            f"group {name!r} does not exist",
+            f"create it (groupadd {name}) or remove control.group",
+        ) from None
 
 
 async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

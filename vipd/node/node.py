@@ -407,6 +407,8 @@ class Node:
     ) -> tuple[dict[str, Any], list[Order]]:
         """`vipctl move/drain/rebalance`: a new operator table. Raises CommandRejected."""
         self._enter(now, wall)
+        if not self.opened or self.exiting:
+            raise CommandRejected("the node is starting or stopping: try again in a moment")
         handlers = {
             "move": self._cmd_move,
             "drain": self._cmd_drain,
@@ -422,8 +424,11 @@ class Node:
         self, new: Config, key: Ed25519PrivateKey, public: bytes, *, now: float, wall: float
     ) -> tuple[list[str], list[Order]]:
         """Apply what may change live (`vipd.node.reload`); raises ReloadRefused (nothing
-        applied) when a setting needs a restart. Returns the changes."""
+        applied) when a setting needs a restart, CommandRejected while starting or
+        stopping. Returns the changes."""
         self._enter(now, wall)
+        if not self.opened or self.exiting:
+            raise CommandRejected("the node is starting or stopping: reload once it runs")
         changes = reload_changes(self.config, new)
         if public != self.public_key:
             changes.append(
