@@ -33,6 +33,7 @@ from vipd.host.metrics import StatusCollector, serve
 from vipd.host.ratelimit import RateLimitedLog
 from vipd.host.state import load_overrides, next_incarnation, save_overrides
 from vipd.host.stats import StatsCollector
+from vipd.host.supervise import Supervisor
 from vipd.kernel.address_events import AddressChange, AddressWatcher, Resync
 from vipd.kernel.addresses import AddressError, AddressManager, InterfaceMissing
 from vipd.kernel.heartbeats import Transport, open_transport
@@ -102,6 +103,7 @@ class Daemon:
             now=loop.time(),
             rng=self.rng,
         )
+        self._supervisor = Supervisor(loop, self._limited, self.node.task_failed)
         frames.preload()
         self.announcer = self._announcer_factory(loop)
         self.listener = self._listener_factory(loop, self._on_sighting)
@@ -127,14 +129,16 @@ class Daemon:
         self._do(self.node.start(now=loop.time(), wall=self._wall()))
         await self._opened  # stale addresses removed, transport open (or TransportError)
         self.metrics = StatusCollector()
+        self._collector = StatsCollector()
         self._exporter = serve(cfg.metrics_listen, self.metrics) if cfg.metrics_listen else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        spawn, periodic = self._supervisor.spawn, self._supervisor.periodic
         self._tasks = [
-            loop.create_task(self._reconcile_loop(), name="reconcile"),
-            loop.create_task(self._stats_loop(), name="stats"),
-            loop.create_task(self._refresh_loop(), name="refresh"),
+            spawn(self._reconcile_loop(), "reconcile"),
+            spawn(periodic("stats", lambda: STATS_INTERVAL, self._stats, now=True), "stats"),
+            spawn(periodic("refresh", self._refresh_interval, self._refresh, now=False), "refresh"),
         ]
         self.watcher.start()
         systemd.notify("READY=1")
@@ -149,9 +153,8 @@ class Daemon:
     async def _close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # return_exceptions: a task that failed (already logged) must not stop the close.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for handle in self._timers.values():
             handle.cancel()
         if self._saving is not None:  # the last table adopted reaches the disk, if it can
@@ -185,9 +188,9 @@ class Daemon:
                 case o.Log():
                     self._log(order)
                 case o.ClaimAddress() | o.ReleaseAddress():
-                    self._kernel = self.loop.create_task(self._kernel_op(order))
+                    self._kernel = self._supervisor.spawn(self._kernel_op(order), "kernel")
                 case o.ListAddresses(interfaces):
-                    self._kernel = self.loop.create_task(self._list(interfaces))
+                    self._kernel = self._supervisor.spawn(self._list(interfaces), "kernel")
                 case o.Announce(interface, address):
                     self.announcer.announce(interface, address)
                 case o.AnnounceOnce(interface, address):
@@ -212,7 +215,7 @@ class Daemon:
         heartbeat); one writer, and only the newest table still waiting is written."""
         self._unsaved = table
         if self._saving is None or self._saving.done():
-            self._saving = self.loop.create_task(self._save_loop())
+            self._saving = self._supervisor.spawn(self._save_loop(), "save")
 
     async def _save_loop(self) -> None:
         assert self.config.state_dir is not None
@@ -287,15 +290,17 @@ class Daemon:
         found: dict[str, set[IPInterface]] = {}
         macs: dict[str, bytes] = {}
         for iface in interfaces:
-            with contextlib.suppress(AddressError):  # the listener still skips our frames
-                macs[iface] = await self.addresses.mac_address(iface)
             try:
+                with contextlib.suppress(AddressError):  # the listener still skips our frames
+                    macs[iface] = await self.addresses.mac_address(iface)
                 found[iface] = await self.addresses.list_addresses(iface)
             except InterfaceMissing as e:
                 self._limited.error("interface_missing", key=f"list {iface}", error=str(e))
                 found[iface] = set()
             except AddressError as e:
                 self._limited.error("list_failed", key=f"list {iface}", error=str(e))
+            except Exception as e:  # a bug below us: still an answer, or the node waits
+                self._supervisor.failed("kernel", e)
         now, wall = self.loop.time(), self._wall()
         self._do(self.node.kernel_listing(found, macs=macs, now=now, wall=wall))
 
@@ -315,28 +320,28 @@ class Daemon:
             finally:
                 tick.cancel()
             self._reconcile_now.clear()
-            self._do(self.node.reconcile(now=self.loop.time(), wall=self._wall()))
+            self._supervisor.guard("reconcile", self._reconcile)
             systemd.notify("WATCHDOG=1")
 
-    async def _refresh_loop(self) -> None:
+    def _reconcile(self) -> None:
+        self._do(self.node.reconcile(now=self.loop.time(), wall=self._wall()))
+
+    def _refresh_interval(self) -> float:
+        return self.config.announce.refresh_interval or 3600.0  # 0: off (reload may set it)
+
+    def _refresh(self) -> None:
         """announce.refresh_interval: every owned, held address once more (switches and hosts
         that age entries out faster than clients ask again)."""
-        while True:
-            interval = self.config.announce.refresh_interval
-            await asyncio.sleep(interval or 3600.0)
-            if interval:
-                self._do(self.node.refresh(now=self.loop.time()))
+        if self.config.announce.refresh_interval:
+            self._do(self.node.refresh(now=self.loop.time()))
 
-    async def _stats_loop(self) -> None:
-        """Once a second: our load figures into the heartbeat, a snapshot to the exporter."""
-        collector = StatsCollector()
-        while True:
-            drops = self.transport.kernel_drops() if self.transport is not None else None
-            if drops is not None:  # counted by the kernel: the core never saw these
-                self.node.kernel_drops(drops)
-            self.node.set_stats(collector.collect())
-            self.metrics.publish(self.status())
-            await asyncio.sleep(STATS_INTERVAL)
+    def _stats(self) -> None:
+        """Our load figures into the heartbeat, a snapshot to the exporter."""
+        drops = self.transport.kernel_drops() if self.transport is not None else None
+        if drops is not None:  # counted by the kernel: the core never saw these
+            self.node.kernel_drops(drops)
+        self.node.set_stats(self._collector.collect())
+        self.metrics.publish(self.status())
 
     # --- the operator: state file, reload, commands ------------------------------------------
 

@@ -124,12 +124,15 @@ class Farm:
         return out
 
     async def settle(self, members: Iterable[str], timeout: float = 10.0) -> None:
-        """Until every group is held by exactly one of `members` and nobody else."""
+        """Until every group is held by exactly one of `members`, each of them holds some
+        and nobody else holds any."""
         want = set(members)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             holders = self.holders()
-            if all(len(h) == 1 and h[0] in want for h in holders.values()):
+            if all(len(h) == 1 and h[0] in want for h in holders.values()) and want <= {
+                h[0] for h in holders.values() if h
+            }:
                 return
             if asyncio.get_running_loop().time() > deadline:
                 pytest.fail(f"no settled ownership among {sorted(want)}: {holders}")
@@ -263,3 +266,64 @@ def test_a_slow_disk_does_not_stall_the_loop(tmp_path: Path, monkeypatch: Any) -
 
     worst = asyncio.run(scenario())
     assert worst < SPEC.timing.dead_after / 3, f"the loop stalled {worst:.3f} s"
+
+
+def test_an_unexpected_kernel_error_does_not_stop_the_node(tmp_path: Path) -> None:
+    """Issue 11 item 10: a listing that raised something other than an AddressError (a
+    pyroute2 bug, say) killed the listing task; the node waited for its answer for good,
+    heartbeating on while it never claimed or released again."""
+
+    async def scenario() -> None:
+        farm = Farm(tmp_path)
+        try:
+            farm.start("n01")
+            await farm.settle(["n01"], timeout=15)
+            farm.kernels["n01"].fail_next("list", RuntimeError("netlink parser bug"))
+            farm.daemons["n01"]._reconcile_now.set()  # the next pass lists the kernel
+            await asyncio.sleep(0.1)
+            farm.start("n02")  # n01 must hand half of the pool over
+            await farm.settle(["n01", "n02"], timeout=15)
+            assert farm.daemons["n01"].status().counters.value("task_failures") == 1
+        finally:
+            await farm.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_periodic_task_is_counted_and_restarted(tmp_path: Path, monkeypatch: Any) -> None:
+    """Issue 11 item 10: an exception in the stats loop ended it silently (no more figures,
+    no more metrics), and at stop its stored exception escaped before the sockets closed."""
+    import vipd.daemon
+    from vipd.host.stats import StatsCollector
+
+    calls = 0
+
+    class Flaky(StatsCollector):
+        def collect(self) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise OSError("/proc/loadavg: Input/output error")
+            return super().collect()
+
+    monkeypatch.setattr(vipd.daemon, "StatsCollector", Flaky)
+    monkeypatch.setattr(vipd.daemon, "STATS_INTERVAL", 0.05)
+
+    async def scenario() -> None:
+        farm = Farm(tmp_path)
+        try:
+            farm.start("n01")
+            await farm.settle(["n01"], timeout=15)
+            for _ in range(100):
+                if calls >= 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert calls >= 4, "the stats loop stopped after its failure"
+            assert farm.daemons["n01"].status().counters.value("task_failures") == 1
+            farm.daemons["n01"].stop()
+            assert await asyncio.wait_for(farm.runs["n01"], 10) == 0
+            assert farm.hub.members == {}, "the heartbeat socket was left open"
+        finally:
+            await farm.close()
+
+    asyncio.run(scenario())

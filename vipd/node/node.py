@@ -393,6 +393,11 @@ class Node:
         """Datagrams the kernel dropped on our socket (the core never saw them)."""
         self.counters.set("rx_kernel_drops", drops)
 
+    def task_failed(self, task: str) -> None:
+        """A shell task or callback raised something unexpected (the shell logged it with
+        its traceback); counted so an operator sees it in status and metrics."""
+        self.counters.inc("task_failures")
+
     def send_failed(self, destination: str, error: str) -> list[Order]:
         self.counters.inc("tx_errors")
         self._log(
