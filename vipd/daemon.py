@@ -39,7 +39,7 @@ from vipd.kernel.addresses import AddressError, AddressManager, InterfaceMissing
 from vipd.kernel.heartbeats import Transport, open_transport
 from vipd.kernel.transport import TransportError
 from vipd.node import orders as o
-from vipd.node.node import CommandRejected, Node
+from vipd.node.node import STOP_GRACE, CommandRejected, Node
 from vipd.node.reload import ReloadRefused
 from vipd.node.status import Status
 from vipd.placement.overrides import Overrides, OverridesError
@@ -49,6 +49,14 @@ log = structlog.get_logger("vipd")
 STATS_INTERVAL = 1.0
 HOOK_GRACE = 2.0  # at exit, how long running hooks (post_down...) may still take
 SAVE_GRACE = 2.0  # at exit, how long the last operator-table write may still take
+#: What a stop may take beyond handover_timeout: the node's grace, then the hooks and the
+#: last write at exit, plus a second for the close itself.
+STOP_BUDGET = STOP_GRACE + HOOK_GRACE + SAVE_GRACE + 1.0
+
+
+def _watchdog() -> None:
+    systemd.notify("WATCHDOG=1")
+
 
 Listener = Callable[[asyncio.AbstractEventLoop, Callable[[Sighting], None]], Any]
 Watcher = Callable[[asyncio.AbstractEventLoop, Callable[[AddressChange | Resync], None]], Any]
@@ -140,6 +148,9 @@ class Daemon:
             spawn(periodic("stats", lambda: STATS_INTERVAL, self._stats, now=True), "stats"),
             spawn(periodic("refresh", self._refresh_interval, self._refresh, now=False), "refresh"),
         ]
+        if (ping := systemd.watchdog_interval()) is not None:  # pinged by the loop itself
+            beat = periodic("watchdog", lambda: ping, _watchdog, now=True)
+            self._tasks.append(spawn(beat, "watchdog"))
         self.watcher.start()
         systemd.notify("READY=1")
         await self._exit.wait()
@@ -147,7 +158,9 @@ class Daemon:
         return 0
 
     def stop(self) -> None:
-        """Graceful stop: the node hands its groups over, releases and says `Exit`."""
+        """Graceful stop: the node hands its groups over, releases and says `Exit`. systemd
+        is told how long that may take (TimeoutStopSec need not know the timing profile)."""
+        systemd.extend_timeout(self.config.timing.handover_timeout + STOP_BUDGET)
         self._do(self.node.stop(now=self.loop.time(), wall=self._wall()))
 
     async def _close(self) -> None:
@@ -321,7 +334,6 @@ class Daemon:
                 tick.cancel()
             self._reconcile_now.clear()
             self._supervisor.guard("reconcile", self._reconcile)
-            systemd.notify("WATCHDOG=1")
 
     def _reconcile(self) -> None:
         self._do(self.node.reconcile(now=self.loop.time(), wall=self._wall()))

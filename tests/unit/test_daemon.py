@@ -11,6 +11,7 @@ a graceful stop that hands over make-before-break and exits 0 with nothing left 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -83,7 +84,8 @@ class Quiet:
 
 
 class Farm:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **timing: float) -> None:
+        self.timing = replace(SPEC.timing, **timing)
         self.hub = Hub()
         self.kernels: dict[str, FakeAddressManager] = {}
         self.daemons: dict[str, Daemon] = {}
@@ -99,6 +101,7 @@ class Farm:
             control_socket=state / "control.sock",
             state_dir=state,
             metrics_listen=None,
+            timing=self.timing,
         )
         kernel = self.kernels.setdefault(name, FakeAddressManager({"eth0": bytes(6)}))
         kernel.closed = False
@@ -327,3 +330,49 @@ def test_a_failing_periodic_task_is_counted_and_restarted(tmp_path: Path, monkey
             await farm.close()
 
     asyncio.run(scenario())
+
+
+def test_systemd_hears_the_watchdog_from_the_loop_and_the_stop_budget(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Issue 11 item 15: the watchdog was pinged only by the reconcile loop (a
+    reconcile_interval above WatchdogSec meant a restart loop), and TimeoutStopSec was a
+    guess that did not follow handover_timeout. Now: pings every WATCHDOG_USEC/2 whatever
+    the reconcile interval, and a stop asks for the time it needs."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WatchdogSec=1: a ping every 0.5 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    heard: list[tuple[float, str]] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(listener, lambda: heard.append((loop.time(), listener.recv(512).decode())))
+        farm = Farm(tmp_path, reconcile_interval=30.0)
+        try:
+            farm.start("n01")
+            await farm.settle(["n01"], timeout=15)
+            await asyncio.sleep(2.5)
+            farm.daemons["n01"].stop()
+            assert await asyncio.wait_for(farm.runs["n01"], 10) == 0
+        finally:
+            await farm.close()
+            loop.remove_reader(listener)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        listener.close()
+    pings = [t for t, m in heard if m == "WATCHDOG=1"]
+    assert len(pings) >= 5, heard
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) < 1.0, f"a watchdog gap of {max(gaps):.3f} s"
+    extend = [m for _, m in heard if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extend, heard
+    assert int(extend[0].split("=")[1]) / 1e6 > SPEC.timing.handover_timeout + 2.0
+    assert "READY=1" in [m for _, m in heard] and "STOPPING=1" in [m for _, m in heard]
