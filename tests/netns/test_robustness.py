@@ -142,13 +142,16 @@ def test_metrics_are_served_on_loopback_inside_the_node(cluster: LabCluster) -> 
                 chunks.append(chunk)
         return b"".join(chunks).decode()
 
+    def held_in(text: str) -> int:
+        lines = text.splitlines()
+        return sum(1 for x in lines if x.startswith("vipd_group_held{") and x.endswith(" 1.0"))
+
     def converged_snapshot() -> str | None:
         text = scrape()
-        return text if "vipd_view_members 3.0" in text else None
+        return text if "vipd_view_members 3.0" in text and held_in(text) == len(held) else None
 
-    # The snapshot is published once a second; wait for one taken after convergence.
+    # The snapshot is published once a second: one taken after the view agreed may still
+    # predate the claims (they follow a few ms later). Wait for one taken after both.
     text = cluster.wait_for(converged_snapshot, 5.0, "a snapshot of the converged view")
     assert "vipd_heartbeats_received_total" in text
-    lines = text.splitlines()
-    n_held = sum(1 for x in lines if x.startswith("vipd_group_held{") and x.endswith(" 1.0"))
-    assert n_held == len(held) == 2
+    assert held_in(text) == len(held) == 2
