@@ -290,3 +290,27 @@ def test_view_changes_are_reported_once_per_change() -> None:
     before = len(net.of("n1", ViewChanged))
     net.run(1.0)
     assert len(net.of("n1", ViewChanged)) == before
+
+
+def test_a_peer_that_left_and_went_quiet_holds_nothing() -> None:
+    """Issue 11 item 12: a leaving node's last heartbeat ("held nothing") was sent once and
+    a LEFT peer's held set never expired: with that one datagram lost, the others saw a ghost
+    holder until the node came back. Now the goodbye is a burst, and a LEFT peer silent for
+    dead_after advertises nothing."""
+    net = Net(make_cluster(2))
+    net.run(0.5)
+    net.cores["n2"].set_held(frozenset({0, 1}), now=net.now)
+    net.run(2 * STEP)
+    assert net.cores["n1"].holders(0) == {"n2"}
+    net.cores["n2"].leave()
+    net.run(2 * STEP)
+    # n2 releases everything; every datagram it sends from here on is lost.
+    leaving = net.cores["n2"]
+    leaving.set_held(frozenset(), now=net.now)
+    sent = leaving.datagrams_to_send(now=net.now, wall=WALL0 + net.now)
+    assert len(sent) >= 3, "the last word of a leaving node is a single datagram"
+    net.stop("n2")
+    dead_after = net.cores["n1"].timing.dead_after
+    net.run(dead_after + 0.1)
+    assert net.cores["n1"].holders(0) == frozenset(), "a ghost holder outlived its goodbye"
+    assert net.cores["n1"].peers["n2"].state == MemberState.LEFT

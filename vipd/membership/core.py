@@ -294,8 +294,15 @@ class MembershipCore:
                     peer.deadline = max(peer.deadline, grace)
         had_peers = any(p.state in MONITORED for p in self.peers.values())
         for peer in self.peers.values():
-            if peer.state in MONITORED and peer.deadline is not None and peer.deadline <= now:
+            if peer.deadline is None or peer.deadline > now:
+                continue
+            if peer.state in MONITORED:
                 self._transition(peer, Signal.SILENT)
+            elif _advertises(peer):
+                # It said goodbye and went quiet: like a dead peer, it holds nothing we can
+                # count on (its "held nothing" may simply have been lost).
+                peer.held = peer.released = frozenset()
+                self._holders_version += 1
         if had_peers and not any(p.state in MONITORED for p in self.peers.values()):
             self._isolated = True
         if not self.ready and now >= self.started + self.timing.startup_wait:
@@ -327,7 +334,9 @@ class MembershipCore:
             for index in groups:
                 self._released.pop(index, None)
             self.held = groups
-            self._pending_burst = max(self._pending_burst, 1)
+            # A leaving node's releases are its last word: one lost datagram must not
+            # leave the others believing it still holds the group.
+            self._pending_burst = max(self._pending_burst, LEAVE_BURST if self.leaving else 1)
 
     def set_overrides(self, table: Overrides, source: str = "local") -> bool:
         """A new operator table made here (vipctl) or loaded from disk; kept only if newer
@@ -407,7 +416,7 @@ class MembershipCore:
         due.extend(
             p.deadline
             for p in self.peers.values()
-            if p.state in MONITORED and p.deadline is not None
+            if p.deadline is not None and (p.state in MONITORED or _advertises(p))
         )
         self._armed = min(due)
         return self._armed
@@ -666,3 +675,8 @@ def _view_entry(p: Peer) -> tuple[int, int, bool] | None:
 def _renumber(indices: frozenset[int], index: tuple[int | None, ...]) -> frozenset[int]:
     """A peer's indices in the pool we ran before our last reload, as indices into ours."""
     return frozenset(j for i in indices if i < len(index) and (j := index[i]) is not None)
+
+
+def _advertises(peer: Peer) -> bool:
+    """A LEFT peer whose last heartbeat still named groups: it expires at its deadline."""
+    return peer.state == MemberState.LEFT and bool(peer.held or peer.released)
