@@ -39,7 +39,15 @@ from vipd.membership import wire
 from vipd.membership.core import MembershipCore, View
 from vipd.membership.events import PacketRejected
 from vipd.membership.wire import TLV, DecodeError, Flag, Heartbeat, Reject, Stats
-from vipd.placement.overrides import MAX_ENTRIES, REASONS, Move, Overrides, OverridesError
+from vipd.placement.overrides import (
+    MAX_ENTRIES,
+    MAX_VERSION,
+    REASONS,
+    SIGNATURE_LEN,
+    Move,
+    Overrides,
+    OverridesError,
+)
 
 CORPUS = Path(__file__).parent / "corpus"
 GROUPS = 6
@@ -228,8 +236,16 @@ def random_overrides(rng: random.Random) -> Overrides:
     groups = _names(rng, rng.choice((0, 1, 2, 4, rng.randint(0, 12))))
     moves = tuple(Move(g, _name(rng, rng.randint(1, 8)), rng.choice(REASONS)) for g in groups)
     drained = tuple(_names(rng, rng.choice((0, 0, 1, 3))))
-    version = rng.choice((1, 2, 2**32 - 1, rng.randrange(1, 1 << 32)))
-    return Overrides(version, _names(rng, 1)[0], moves, drained)
+    version = rng.choice((1, 2, 2**32, MAX_VERSION, rng.randrange(1, 1 << 64)))
+    # Any 64 bytes: the decoder parses the signature, the core checks it.
+    signature = rng.randbytes(SIGNATURE_LEN)
+    return Overrides(version, _names(rng, 1)[0], moves, drained, signature)
+
+
+def signed_value(table: Overrides) -> bytes:
+    """A SIGNED_OVERRIDES value for any table, the empty one included (which a node never
+    sends, so the decoder must refuse it)."""
+    return table.encode() + (table.signature or bytes(SIGNATURE_LEN))
 
 
 def random_heartbeat(
@@ -285,16 +301,20 @@ def raw_overrides(
     *,
     move_count: int | None = None,
     drained_count: int | None = None,
+    signature: bytes | None = None,
 ) -> bytes:
     """A table's wire form with nothing checked (names as raw bytes, any reason code,
-    any order, counts that may lie): to build the ones Overrides.encode would not."""
-    out = [struct.pack("!IB", version, len(issuer)), issuer]
+    any order, counts that may lie): to build the ones Overrides.encode would not. With a
+    `signature`, the SIGNED_OVERRIDES value (content, then those bytes)."""
+    out = [struct.pack("!QB", version, len(issuer)), issuer]
     out.append(struct.pack("!H", len(moves) if move_count is None else move_count))
     for group, target, code in moves:
         out += [bytes([len(group)]), group, bytes([len(target)]), target, bytes([code])]
     out.append(struct.pack("!H", len(drained) if drained_count is None else drained_count))
     for name in drained:
         out += [bytes([len(name)]), name]
+    if signature is not None:
+        out.append(signature)
     return b"".join(out)
 
 
@@ -442,21 +462,22 @@ _BAD_NAMES = (b"", b"x" * 64, b"n\xff", b"\xc3", b"\xed\xa0\x80")  # empty, long
 
 
 def mutate_overrides(rng: random.Random, value: bytes) -> bytes:
-    """Structure-aware edits of an OVERRIDES value: each of the rules of a canonical table
-    (Overrides.decode) broken on its own, from a table that was valid. A value that is not
-    a valid table any more gets byte-level edits."""
+    """Structure-aware edits of a SIGNED_OVERRIDES value: each of the rules of a canonical
+    table (Overrides.decode_signed) broken on its own, from a table that was valid. A value
+    that is not a valid table any more gets byte-level edits."""
     try:
-        table = Overrides.decode(value)
+        table = Overrides.decode_signed(value)
     except OverridesError:
         return mutate(rng, value)
+    signature = table.signature
     version, issuer = table.version, table.issuer.encode()
     moves = [(m.group.encode(), m.target.encode(), REASONS.index(m.reason)) for m in table.moves]
     drained = [n.encode() for n in table.drained]
     move_count: int | None = None
     drained_count: int | None = None
-    edit = rng.randrange(12)
+    edit = rng.randrange(13)
     if edit == 0:
-        version = rng.choice((0, 1, 2**32 - 1))
+        version = rng.choice((0, 1, 2**32 - 1, MAX_VERSION))
     elif edit == 1:  # the empty table, sent as a TLV
         version, issuer, moves, drained = 0, b"", [], []
     elif edit == 2:
@@ -481,8 +502,16 @@ def mutate_overrides(rng: random.Random, value: bytes) -> bytes:
         have = (len(moves), len(drained))[which]
         count = rng.choice((have + 1, max(have - 1, 0), MAX_ENTRIES + 1, 0xFFFF))
         move_count, drained_count = (count, None) if which == 0 else (None, count)
+    if edit == 12:  # a signature cut short, or one byte too long
+        signature = rng.choice((signature[: rng.randrange(SIGNATURE_LEN)], signature + b"\0"))
     raw = raw_overrides(
-        version, issuer, moves, drained, move_count=move_count, drained_count=drained_count
+        version,
+        issuer,
+        moves,
+        drained,
+        move_count=move_count,
+        drained_count=drained_count,
+        signature=signature,
     )
     if edit == 10:
         raw += rng.randbytes(rng.choice((1, 2, 5)))  # trailing bytes
@@ -495,7 +524,7 @@ def _mutate_value(rng: random.Random, kind: int, value: bytes) -> bytes:
     """Structure-aware edits of one TLV value: the counts and entries decode_body checks."""
     v = bytearray(value)
     choice = rng.random()
-    if choice < 0.4 and kind == TLV.OVERRIDES:
+    if choice < 0.4 and kind == TLV.SIGNED_OVERRIDES:
         return mutate_overrides(rng, value)
     if choice < 0.25 and kind in (TLV.HELD, TLV.RELEASED) and len(v) >= 2:
         count = rng.choice((0, 1, 8, 9, 64, 65, 4096, 4097, 0xFFFF, _interesting(rng, 16)))
@@ -545,12 +574,12 @@ def mutate_body(rng: random.Random, body: bytes) -> bytes:
         elif op == 7 and items:
             items[i] = (rng.choice(list(TLV)), items[i][1])
         elif op == 9:  # the operator table, broken one rule at a time (or added, then broken)
-            at = [j for j, (k, _) in enumerate(items) if k == TLV.OVERRIDES]
+            at = [j for j, (k, _) in enumerate(items) if k == TLV.SIGNED_OVERRIDES]
             if at:
-                items[at[0]] = (TLV.OVERRIDES, mutate_overrides(rng, items[at[0]][1]))
+                items[at[0]] = (TLV.SIGNED_OVERRIDES, mutate_overrides(rng, items[at[0]][1]))
             else:
-                raw = mutate_overrides(rng, random_overrides(rng).encode())
-                items.insert(rng.randint(0, len(items)), (TLV.OVERRIDES, raw))
+                raw = mutate_overrides(rng, signed_value(random_overrides(rng)))
+                items.insert(rng.randint(0, len(items)), (TLV.SIGNED_OVERRIDES, raw))
         # op 8: leave the TLVs as they are (only the edits below, if any)
     # A byte-level mutation may resize a value past what a TLV length can say: cut it there.
     out = b"".join(tlv(k, v[:0xFFFF]) for k, v in items)
@@ -671,9 +700,13 @@ def check_overrides(table: Overrides) -> None:
     """What every decoded table must be: canonical (the one encoding of its content), every
     name 1..63 bytes (the issuer empty only in the empty table), known reasons, bounded."""
     assert Overrides.decode(table.encode()) == table
-    assert 0 <= table.version < 1 << 32
+    assert 0 <= table.version <= MAX_VERSION
     if table.version == 0:
-        assert table == Overrides(), table
+        assert table == Overrides() and not table.signature, table
+    else:
+        assert len(table.signature) in (0, SIGNATURE_LEN), table  # 0: a file from before
+        if table.signature:
+            assert Overrides.decode_signed(table.encode_signed()) == table
     assert len(table.issuer.encode()) <= wire.MAX_NAME
     assert table.issuer or table.version == 0, table
     groups = [m.group for m in table.moves]

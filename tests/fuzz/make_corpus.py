@@ -53,7 +53,7 @@ from tests.fuzz.kit import (
 )
 from vipd.membership import wire
 from vipd.membership.wire import TLV, DecodeError, Flag, Stats
-from vipd.placement.overrides import Move, Overrides
+from vipd.placement.overrides import MAX_VERSION, Move, Overrides
 
 #: Ed25519's group order: S and S + L verify the same under a lax verifier.
 ED25519_L = 2**252 + 27742317777372353535851937790883648493
@@ -146,7 +146,9 @@ def wire_seeds() -> list[WireSeed]:
         held=frozenset(range(0, wire.MAX_GROUPS, 3)),
         released=frozenset(range(1, 3 * wire.MAX_RELEASED, 3)),
         stats=Stats(1500, 800, 4, 8 << 30, 6 << 30, 12, 4, 100, 2**32 - 1, 900),
-        overrides=Overrides(2**32 - 1, "n1", (Move("g-4095", "ü" * 31, "reload"),), ("n3",)),
+        overrides=Overrides(
+            MAX_VERSION, "n1", (Move("g-4095", "ü" * 31, "reload"),), ("n3",)
+        ).signed(KEYS["n1"], "web"),
         pool_digest=b"P" * 8,
     )
     longest = "ü" * 31 + "x"  # 63 bytes
@@ -172,13 +174,19 @@ def wire_seeds() -> list[WireSeed]:
         s("accepted-4096-groups", sign(big), "accepted", "the largest pool, every TLV"),
         s(
             "accepted-overrides-longest-names",
-            sign(heartbeat(overrides=Overrides(1, longest, (Move(longest, longest),), (longest,)))),
+            sign(
+                heartbeat(
+                    overrides=Overrides(1, longest, (Move(longest, longest),), (longest,)).signed(
+                        KEYS["n2"], "web"
+                    )
+                )
+            ),
             "accepted",
             "issuer, group, target and drained node of 63 bytes",
         ),
         s(
             "accepted-overrides-no-entries",
-            sign(heartbeat(overrides=Overrides(3, "n1"))),
+            sign(heartbeat(overrides=Overrides(3, "n1").signed(KEYS["n1"], "web"))),
             "accepted",
             "version 3, nothing moved or drained (the last one undone)",
         ),
@@ -287,7 +295,7 @@ def wire_seeds() -> list[WireSeed]:
         ),
         s("body-pool-digest-7-bytes", _with_pool(7), "malformed", "", detail="POOL_DIGEST has"),
         s("body-pool-digest-9-bytes", _with_pool(9), "malformed", "", detail="POOL_DIGEST has"),
-        # OVERRIDES: Overrides.decode's every refusal, then decode_body's own
+        # SIGNED_OVERRIDES: Overrides.decode_signed's every refusal
         s(
             "body-overrides-truncated",
             _with_table(TABLE.encode()[:20]),
@@ -390,8 +398,26 @@ def wire_seeds() -> list[WireSeed]:
             "body-overrides-version-0-empty",
             _with_table(raw_overrides(0, b"")),
             "malformed",
-            "the empty table is sent as no TLV at all",
-            detail="sent as no TLV",
+            "the empty table is sent as no TLV at all, and is never signed",
+            detail="the empty table (version 0) is not signed",
+        ),
+        s(
+            "body-overrides-signature-short",
+            _with_table(b"", signature=bytes(30)),
+            "malformed",
+            "30 bytes: not even a signature",
+            detail="shorter than a signature",
+        ),
+        s(
+            "accepted-retired-unsigned-table",
+            _with_body(
+                _body(
+                    tlv(TLV.HELD, b"\0\6\x84"),
+                    tlv(TLV.OVERRIDES, struct.pack("!IB", 4, 2) + b"n1" + bytes(4)),
+                )
+            ),
+            "accepted",
+            "TLV 5, the unsigned table of earlier versions: skipped, the table stays empty",
         ),
         s(
             "body-overrides-issuer-empty",
@@ -492,12 +518,14 @@ def _names(cluster: bytes, sender: bytes) -> bytes:
 #: A table with moves of both reasons, a drained node and UTF-8 names (the seeds' base).
 TABLE = Overrides(
     9, "n3", (Move("www-a", "n1"), Move("www-b", "nœud", "reload"), Move("名前", "n2")), ("n2",)
-)
+).signed(KEYS["n3"], "web")
 
 
-def _with_table(raw: bytes) -> bytes:
-    """A correctly signed heartbeat whose OVERRIDES TLV holds `raw`."""
-    return _with_body(_body(tlv(TLV.HELD, b"\0\6\x84"), tlv(TLV.OVERRIDES, raw)))
+def _with_table(raw: bytes, *, signature: bytes = bytes(wire.SIGNATURE_LEN)) -> bytes:
+    """A correctly signed heartbeat whose SIGNED_OVERRIDES TLV holds the table content `raw`
+    and then `signature` (which the decoder parses but does not check)."""
+    value = raw + signature
+    return _with_body(_body(tlv(TLV.HELD, b"\0\6\x84"), tlv(TLV.SIGNED_OVERRIDES, value)))
 
 
 def _with_pool(size: int) -> bytes:

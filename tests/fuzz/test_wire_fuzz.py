@@ -4,7 +4,7 @@ The properties: whatever arrives, the decoder raises only DecodeError; a datagra
 without being re-signed is byte-identical to one a member signed; the core never raises,
 counts every datagram exactly once (accepted, or under one reason), is unchanged by what it
 rejects, and keeps nothing per rejected datagram once its events are drained. The operator
-table (TLV OVERRIDES, and the daemon's overrides.json) decodes only to its one canonical
+table (TLV SIGNED_OVERRIDES, and the daemon's overrides.json) decodes only to its one canonical
 form, or raises OverridesError.
 """
 
@@ -179,16 +179,17 @@ def test_mutation_engine_reaches_every_refusal_of_decode_body() -> None:
         "HELD too short",
         "HELD bitmap does not match",
         "HELD has bits set past",
-        "OVERRIDES: truncated",
-        "OVERRIDES: truncated name",
-        "OVERRIDES: name length",
-        "OVERRIDES: name is not UTF-8",
-        "OVERRIDES: unknown move reason",
+        "SIGNED_OVERRIDES: truncated",
+        "SIGNED_OVERRIDES: truncated name",
+        "SIGNED_OVERRIDES: name length",
+        "SIGNED_OVERRIDES: name is not UTF-8",
+        "SIGNED_OVERRIDES: unknown move reason",
         "entries, at most 512",
-        "OVERRIDES: entries not sorted or repeated",
-        "OVERRIDES: trailing bytes",
-        "OVERRIDES: version 0 is the empty table",
-        "OVERRIDES: an empty table is sent as no TLV",
+        "SIGNED_OVERRIDES: entries not sorted or repeated",
+        "SIGNED_OVERRIDES: trailing bytes",
+        "SIGNED_OVERRIDES: version 0 is the empty table",
+        "SIGNED_OVERRIDES: the empty table (version 0) is not signed",
+        "SIGNED_OVERRIDES: shorter than a signature",
         "RELEASED too short",
         "RELEASED does not hold",
         "RELEASED index past",
@@ -299,20 +300,20 @@ def _tables_in_corpus() -> list[bytes]:
             body = Parts.of(data).body
         except DecodeError:
             continue
-        out += [value for kind, value in kit.split_tlvs(body) if kind == TLV.OVERRIDES]
+        out += [value for kind, value in kit.split_tlvs(body) if kind == TLV.SIGNED_OVERRIDES]
     return out
 
 
 def _table_bytes(rng: random.Random) -> bytes:
-    """A valid table's encoding, broken a rule at a time and mutated byte by byte."""
-    raw = random_overrides(rng).encode()
+    """A valid table's wire value, broken a rule at a time and mutated byte by byte."""
+    raw = kit.signed_value(random_overrides(rng))
     for _ in range(rng.choice((0, 1, 1, 2, 3))):
         raw = mutate_overrides(rng, raw) if rng.random() < 0.7 else mutate(rng, raw)
     return raw
 
 
 def with_tables(test: Callable[[bytes], None]) -> Callable[[bytes], None]:
-    """Every OVERRIDES value of the corpus as an explicit example."""
+    """Every SIGNED_OVERRIDES value of the corpus as an explicit example."""
     for raw in _tables_in_corpus():
         test = example(raw)(test)
     return test
@@ -322,14 +323,15 @@ def with_tables(test: Callable[[bytes], None]) -> Callable[[bytes], None]:
 @fuzz_settings(800)
 @with_tables
 def test_overrides_decode_is_canonical_or_refuses(data: bytes) -> None:
-    """Overrides.decode on anything: a table whose encoding is exactly the input (one
-    encoding per table, so two nodes holding the same table hold the same bytes and the
-    same digest), or OverridesError. Nothing else may come out."""
+    """Overrides.decode_signed on anything: a table whose encoding (content, then the
+    signature) is exactly the input (one encoding per table, so two nodes holding the same
+    table hold the same bytes and the same digest), or OverridesError. Nothing else may
+    come out."""
     try:
-        table = Overrides.decode(data)
+        table = Overrides.decode_signed(data)
     except OverridesError:
         return
-    assert table.encode() == data
+    assert table.encode() + table.signature == data
     check_overrides(table)
 
 
@@ -337,7 +339,7 @@ JSON_LEAVES = (
     st.none()
     | st.booleans()
     | st.integers()
-    | st.sampled_from((-1, 0, 2**32 - 1, 2**32, 2**64))
+    | st.sampled_from((-1, 0, 2**32 - 1, 2**32, 2**64 - 1, 2**64))
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=70)
 )
@@ -396,7 +398,8 @@ def test_overrides_from_json_raises_only_overrides_error(text: str) -> None:
         ),
         pytest.param('{"version":-1,"issuer":"n1","moves":[],"drained":[]}', id="version-negative"),
         pytest.param(
-            '{"version":4294967296,"issuer":"n1","moves":[],"drained":[]}', id="version-2**32"
+            '{"version":18446744073709551616,"issuer":"n1","moves":[],"drained":[]}',
+            id="version-2**64",
         ),
         pytest.param('{"version":1e999,"issuer":"n1","moves":[],"drained":[]}', id="version-inf"),
         pytest.param(

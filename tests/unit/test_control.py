@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,16 @@ def test_real_socket_round_trip_and_oversized_request(tmp_path: Path) -> None:
     assert json.loads(big)["ok"] is False
     assert again["ok"] is True  # the server survived the oversized request
     assert not path.exists()
+
+
+def test_a_command_that_fails_unexpectedly_is_an_error_reply_not_a_dropped_connection() -> None:
+    """Issue 11 item 2: a struct.error escaped the handler, and vipctl crashed on the empty
+    reply. Whatever a handler raises, the caller gets an answer and the server goes on."""
+
+    async def broken(req: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        raise struct.error("argument out of range")
+
+    srv = ControlServer(Path("/nonexistent"), 0o660, None, {"move": Command(broken, True)})
+    reply = asyncio.run(srv.handle_line(b'{"cmd": "move"}', ROOT))
+    assert reply == {"ok": False, "error": "internal error (error): see the log"}
+    assert asyncio.run(srv.handle_line(b'{"cmd": "nope"}', ROOT))["ok"] is False

@@ -6,8 +6,11 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import replace
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from tests.clusterkit import WALL0, Node, make_cluster
-from vipd.config import PoolGroup
+from vipd.config import Config, PoolGroup
+from vipd.host.keys import public_key_bytes
 from vipd.membership.core import MembershipCore
 from vipd.membership.events import (
     BecameReady,
@@ -17,12 +20,13 @@ from vipd.membership.events import (
     MemberLost,
     MemberRestarted,
     OverridesAdopted,
+    OverridesRefused,
     PoolDiffers,
     ViewChanged,
 )
 from vipd.membership.states import MemberState
 from vipd.membership.wire import Flag
-from vipd.placement.overrides import Overrides
+from vipd.placement.overrides import MAX_VERSION, MAX_VERSION_STEP, Overrides
 
 STEP = 0.005
 
@@ -314,3 +318,120 @@ def test_a_peer_that_left_and_went_quiet_holds_nothing() -> None:
     net.run(dead_after + 0.1)
     assert net.cores["n1"].holders(0) == frozenset(), "a ghost holder outlived its goodbye"
     assert net.cores["n1"].peers["n2"].state == MemberState.LEFT
+
+
+# --- issue 11 item 2: what a compromised member can do to the operator table ---------------
+# Each test pins one line of docs/security.md ("A compromised member and the operator table").
+
+
+def _publish(net: Net, name: str, table: Overrides) -> None:
+    """What a compromised member can do: put any table in its own signed heartbeats."""
+    core = net.cores[name]
+    core.overrides = table
+    core.set_held(core.held | {5}, now=net.now)  # any change makes it send at once
+    net.run(0.1)
+
+
+def test_a_table_in_another_members_name_is_refused() -> None:
+    net = Net(make_cluster(3))
+    net.run(0.5)
+    forged = Overrides().with_drain("n1", True, by="n1").with_drain("n2", True, by="n1")
+    _publish(net, "n3", forged.signed(net.nodes["n3"].key, "web"))
+    for name in ("n1", "n2"):
+        assert net.cores[name].overrides == Overrides(), f"{name} adopted a forged table"
+        assert net.cores[name].counters["overrides_refused"] >= 1
+    (refused,) = net.of("n1", OverridesRefused)
+    assert (refused.issuer, refused.source) == ("n1", "n3")
+    assert refused.reason == "signature is not n1's"
+    # A signature of zeros, or a table issued by a name outside the roster: refused too.
+    _publish(net, "n3", replace(Overrides(5, "n1"), signature=bytes(64)))
+    _publish(net, "n3", Overrides(6, "n9").signed(net.nodes["n3"].key, "web"))
+    reasons = [e.reason for e in net.of("n2", OverridesRefused)]
+    assert reasons[1:] == ["signature is not n1's", "issuer 'n9' is not in the roster"]
+    assert net.cores["n2"].overrides == Overrides()
+
+
+def test_a_relayed_table_keeps_its_issuer_and_cannot_be_altered_on_the_way() -> None:
+    net = Net(make_cluster(3), start=["n1", "n2"])
+    net.run(0.5)
+    table = Overrides().with_drain("n1", True, by="n1")
+    assert net.cores["n1"].set_overrides(table)
+    net.run(0.2)
+    net.stop("n1")
+    # n3 never hears n1: it learns the table from n2, still n1's, still verifiable.
+    net.start("n3")
+    net.run(0.5)
+    assert net.cores["n3"].overrides == table
+    assert [(e.issuer, e.source) for e in net.of("n3", OverridesAdopted)] == [("n1", "n2")]
+    # A relay that edits the table but keeps n1's signature is refused.
+    relayed = net.cores["n2"].overrides
+    altered = replace(relayed, version=relayed.version + 1, drained=("n1", "n3"))
+    _publish(net, "n2", altered)
+    assert net.cores["n3"].overrides == table
+    assert net.of("n3", OverridesRefused)[-1].reason == "signature is not n1's"
+
+
+def test_a_member_cannot_jump_the_version_out_of_reach_and_an_edit_undoes_its_table() -> None:
+    net = Net(make_cluster(3))
+    net.run(0.5)
+    n3 = net.nodes["n3"].key
+    # Far ahead (it would leave no version an operator could edit after): refused.
+    _publish(net, "n3", Overrides(MAX_VERSION, "n3", (), ("n1", "n2")).signed(n3, "web"))
+    assert net.cores["n1"].overrides == Overrides()
+    assert "ahead of ours" in net.of("n1", OverridesRefused)[-1].reason
+    # Within the step, in its own name: adopted, like any member's edit, and shown as its own.
+    own = Overrides(MAX_VERSION_STEP, "n3", (), ("n1", "n2")).signed(n3, "web")
+    _publish(net, "n3", own)
+    assert net.cores["n1"].overrides == own and net.cores["n1"].view.members == ("n3",)
+    # An operator on n1 undoes it with the next edit; n3 cannot get out of reach.
+    undo = (
+        net.cores["n1"].overrides.with_drain("n1", False, by="n1").with_drain("n2", False, by="n1")
+    )
+    assert net.cores["n1"].set_overrides(undo)
+    net.run(0.3)
+    assert net.cores["n2"].overrides == undo
+    assert net.cores["n2"].view.members == ("n1", "n2", "n3")
+
+
+def test_a_saved_table_is_kept_only_while_its_issuer_can_sign_it() -> None:
+    nodes = make_cluster(3)
+    core = nodes["n1"].core()
+    own_legacy = Overrides(4, "n1", (), ("n2",))  # saved before tables were signed
+    assert core.set_overrides(own_legacy, source="state")
+    assert core.overrides.verifies([nodes["n1"].public_key], "web")
+    # A table of another issuer that does not verify (e.g. signed by a key since removed).
+    other = Overrides(9, "n2", (), ("n3",)).signed(Ed25519PrivateKey.generate(), "web")
+    assert not core.set_overrides(other, source="state")
+    assert core.overrides == own_legacy
+    refused = [e for e in iter(core.next_event, None) if isinstance(e, OverridesRefused)]
+    assert [(e.source, e.reason) for e in refused] == [("state", "signature is not n2's")]
+
+
+def test_a_node_that_changes_its_key_reissues_the_table_it_signed() -> None:
+    """Key rotation: once the old key leaves the roster, a node that restarts could no
+    longer verify a table signed with it, and would disagree with every peer forever."""
+    net = Net(make_cluster(2))
+    net.run(0.5)
+    net.cores["n1"].set_overrides(Overrides().with_drain("n2", True, by="n1"))
+    net.run(0.2)
+    new_key = Ed25519PrivateKey.generate()
+    rotated = _with_keys(net.nodes["n1"], "n1", [net.nodes["n1"].key, new_key])
+    net.cores["n1"].rekey(rotated, new_key, public_key_bytes(new_key))
+    assert net.cores["n1"].overrides.version == 2
+    assert net.cores["n1"].overrides.verifies([public_key_bytes(new_key)], "web")
+    net.cores["n2"].rekey(_with_keys(net.nodes["n2"], "n1", [new_key]), *_own(net, "n2"))
+    net.run(0.2)
+    assert net.cores["n2"].overrides.version == 2
+    assert net.cores["n2"].overrides.verifies([public_key_bytes(new_key)], "web")
+
+
+def _with_keys(node: Node, member: str, keys: list[Ed25519PrivateKey]) -> Config:
+    roster = tuple(
+        replace(m, public_keys=tuple(public_key_bytes(k) for k in keys)) if m.name == member else m
+        for m in node.config.roster
+    )
+    return replace(node.config, roster=roster)
+
+
+def _own(net: Net, name: str) -> tuple[Ed25519PrivateKey, bytes]:
+    return net.nodes[name].key, net.nodes[name].public_key

@@ -64,7 +64,7 @@ STATUS = Status(
     pool=(group("www1", True), group("www2", False)),
     overrides=OverridesStatus(version=0, issuer="", moves=(), drained=()),
     counters=CounterStatus(
-        plain={"rx_accepted": 7, "claims": 1, "conflicts": 2, "defences": 1},
+        plain={"rx_accepted": 7, "claims": 1, "conflicts": 2, "defences": 1, "task_failures": 1},
         rejected={"bad_signature": 3, "replay": 0},
         hooks={"run": 4, "failed": 1, "timed_out": 0, "dropped": 0},
         notify_sent=5,
@@ -104,6 +104,8 @@ def test_snapshot_becomes_metrics() -> None:
         'vipd_hooks_total{outcome="run"} 4.0',
         "vipd_notify_frames_total 5.0",
         "vipd_notify_dropped_total 0.0",
+        "vipd_task_failures_total 1.0",
+        "vipd_overrides_refused_total 0.0",
         'vipd_member_last_heard_seconds{member="n2"} 0.05',
         'vipd_member_up{member="n4"} 0.0',
     ):

@@ -13,6 +13,7 @@ from tests.sim.cluster import ClusterSpec, node_key, node_public_key
 from vipd.config import PROFILES, IPInterface
 from vipd.node import orders as o
 from vipd.node.node import CommandRejected, Node
+from vipd.placement.overrides import MAX_VERSION, Overrides
 
 SPEC = ClusterSpec(nodes=2, groups=4, timing=PROFILES["fast"])
 WALL0 = 1_800_000_000.0
@@ -220,3 +221,15 @@ def test_operator_commands_wait_until_the_node_runs() -> None:
     assert shell.node.opened
     reply, _ = shell.node.command("rebalance", {}, uid=0, now=0.1, wall=WALL0)
     assert reply["change"] == "no reload pins"
+
+
+def test_an_edit_after_the_last_table_version_is_refused_not_a_crash() -> None:
+    """Issue 11 item 2: a table at the top version made every later edit raise struct.error
+    out of the control handler. Now versions are u64, peers cannot jump there (test_core),
+    and a saved table at the very top makes an edit a clear refusal."""
+    shell = started()
+    top = Overrides(MAX_VERSION, "n01", (), ("n02",))
+    shell.node.load_overrides(top)
+    with pytest.raises(CommandRejected, match="last version"):
+        shell.node.command("drain", {"node": "n02", "drained": False}, uid=0, now=2, wall=2)
+    assert shell.node.core.overrides == top

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from vipd.host.keys import public_key_bytes
 from vipd.host.state import load_overrides, save_overrides
-from vipd.placement.overrides import Move, Overrides, OverridesError
+from vipd.placement.overrides import MAX_VERSION, Move, Overrides, OverridesError
 
 
 def test_each_edit_is_a_new_version_stamped_with_its_issuer() -> None:
@@ -55,3 +58,32 @@ def test_the_table_survives_a_restart_and_a_damaged_file_is_reported(tmp_path: P
     (tmp_path / "overrides.json").write_text("{not json")
     with pytest.raises(OverridesError, match=r"overrides\.json"):
         load_overrides(tmp_path)
+
+
+def test_a_table_carries_its_issuers_signature_and_any_edit_breaks_it() -> None:
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    public = public_key_bytes(key)
+    t = Overrides().with_drain("n2", True, by="n1").signed(key, "web")
+    assert t.verifies([public], "web")
+    assert not t.verifies([public_key_bytes(other)], "web"), "another member's key"
+    assert not t.verifies([public], "shop"), "the same table in another cluster"
+    assert not replace(t, drained=("n3",)).verifies([public], "web"), "edited on the way"
+    assert not replace(t, signature=b"").verifies([public], "web")
+    assert t.verifies([public_key_bytes(other), public], "web"), "any of the issuer's keys"
+    # The signature survives the wire and the state file.
+    assert Overrides.decode_signed(t.encode_signed()).verifies([public], "web")
+    assert Overrides.from_json(t.to_json()).verifies([public], "web")
+    with pytest.raises(OverridesError, match="unsigned"):
+        Overrides(1, "n1").encode_signed()
+
+
+def test_versions_are_u64_and_a_file_from_before_signatures_still_loads() -> None:
+    assert Overrides.decode(Overrides(2**40, "n1").encode()).version == 2**40
+    with pytest.raises(OverridesError):
+        Overrides(2**64, "n1").encode()
+    with pytest.raises(OverridesError, match="last version"):
+        Overrides(MAX_VERSION, "n1").with_drain("n2", True, by="n1")
+    legacy = '{"version": 3, "issuer": "n1", "moves": [], "drained": ["n2"]}'
+    assert Overrides.from_json(legacy) == Overrides(3, "n1", (), ("n2",))
+    with pytest.raises(OverridesError, match="signature"):
+        Overrides.from_json(legacy[:-1] + ', "signature": "abcd"}')

@@ -50,12 +50,17 @@ def roundtrip(hb: Heartbeat) -> Heartbeat:
 def test_round_trip_keeps_every_field() -> None:
     hb = heartbeat(
         stats=Stats(load_milli=1500, cpu_idle_permille=800, ncpu=4, mem_total=8 << 30),
-        overrides=Overrides(9, "n3", (Move("www-a", "n1"), Move("www-b", "n2", "reload")), ("n3",)),
+        overrides=Overrides(
+            2**40, "n3", (Move("www-a", "n1"), Move("www-b", "n2", "reload")), ("n3",)
+        ).signed(KEY, "web"),
         flags=Flag.READY | Flag.DRAINING,
         released=frozenset({1, 2}),
         pool_digest=b"P" * 8,
     )
-    assert roundtrip(hb) == hb
+    back = roundtrip(hb)
+    assert back == hb
+    assert back.overrides.signature == hb.overrides.signature
+    assert back.overrides.verifies([PUB], "web")
 
 
 def test_released_is_bounded_and_checked_against_the_group_count() -> None:
@@ -100,15 +105,20 @@ def test_full_pool_of_4096_groups_fits_one_datagram() -> None:
         held=frozenset(range(4096)),
         stats=Stats(),
         overrides=Overrides(
-            1, "n" * 10, tuple(Move(f"group-{i:04d}", "n" * 10) for i in range(10)), ("n" * 10,)
-        ),
+            2**64 - 1,
+            "n" * 10,
+            tuple(Move(f"group-{i:04d}", "n" * 10) for i in range(10)),
+            ("n" * 10,),
+        ).signed(KEY, "c" * 63),
         pool_digest=b"P" * 8,
     )
     assert len(wire.encode(hb, KEY, PUB)) <= wire.MAX_DATAGRAM
 
 
 def test_encoder_refuses_to_exceed_the_datagram_limit() -> None:
-    too_many = Overrides(1, "n1", tuple(Move(f"{i:063d}", "t" * 63) for i in range(40)))
+    too_many = Overrides(1, "n1", tuple(Move(f"{i:063d}", "t" * 63) for i in range(40))).signed(
+        KEY, "web"
+    )
     with pytest.raises(ValueError, match="exceeds"):
         wire.encode(heartbeat(group_count=4096, overrides=too_many), KEY, PUB)
 

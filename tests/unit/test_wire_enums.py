@@ -30,6 +30,7 @@ PINNED_TLV: list[tuple[str, int]] = [
     ("OVERRIDES", 5),
     ("RELEASED", 6),
     ("POOL_DIGEST", 7),
+    ("SIGNED_OVERRIDES", 8),
 ]
 
 PINNED_REJECT: list[tuple[str, str]] = [

@@ -162,6 +162,19 @@ class ControlServer:
             return {"ok": False, "error": str(e)}
         except RecursionError:  # json.loads on a line of a thousand "["
             return {"ok": False, "error": "request nested too deeply"}
+        except Exception as e:  # a bug: vipctl gets an answer, the daemon keeps serving
+            log.exception("internal_error", where="control", cmd=_cmd_of(line))
+            return {"ok": False, "error": f"internal error ({type(e).__name__}): see the log"}
+
+
+def _cmd_of(line: bytes) -> str:
+    """The command a request named, for the log (never raises)."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):
+        return "?"
+    cmd = request.get("cmd") if isinstance(request, dict) else None
+    return cmd if isinstance(cmd, str) else "?"
 
 
 def resolve_group(name: str) -> int:

@@ -36,6 +36,11 @@ COUNTERS = {
     "refreshes": ("vipd_announce_refreshes", "Addresses announced by the periodic refresh."),
     "notify_sent": ("vipd_notify_frames", "Directed frames sent to the notify list."),
     "notify_dropped": ("vipd_notify_dropped", "Notify frames dropped (queue full)."),
+    "task_failures": ("vipd_task_failures", "Internal tasks that failed and were restarted."),
+    "overrides_refused": (
+        "vipd_overrides_refused",
+        "Operator tables refused: issuer not in the roster, bad signature, version jump.",
+    ),
 }
 
 

@@ -11,11 +11,12 @@ sender, replay window, freshness) so that a flood of junk never costs a signatur
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,6 +38,7 @@ from vipd.membership.events import (
     MemberRestarted,
     MemberStateChanged,
     OverridesAdopted,
+    OverridesRefused,
     PacketRejected,
     PoolDiffers,
     SelfDisrupted,
@@ -44,7 +46,12 @@ from vipd.membership.events import (
 )
 from vipd.membership.states import MONITORED, MemberState, Signal, next_state
 from vipd.membership.wire import DecodeError, Flag, Heartbeat, Reject, Stats
-from vipd.placement.overrides import Overrides
+from vipd.placement.overrides import (
+    MAX_VERSION_STEP,
+    SIGNATURE_LEN,
+    Overrides,
+    OverridesError,
+)
 
 if TYPE_CHECKING:
     from vipd.memo import Memo
@@ -123,6 +130,9 @@ class MembershipCore:
         # before it (its index -> ours, None for a group it no longer has).
         self._pools: dict[bytes, tuple[int | None, ...] | None] = {self._pool_digest: None}
         self.overrides = Overrides()
+        # Tables refused lately, by (digest, signature): a forged table relayed with every
+        # heartbeat costs one signature check and one report, not one per datagram.
+        self._refused_tables: deque[tuple[bytes, bytes]] = deque(maxlen=8)
         me = config.member(config.node)
         self.weight = me.weight if me is not None else 1
         self.peers: dict[str, Peer] = {
@@ -260,7 +270,8 @@ class MembershipCore:
         if (held, released, hb.pool_digest) != (peer.held, peer.released, peer.pool_digest):
             peer.held, peer.released, peer.pool_digest = held, released, hb.pool_digest
             self._holders_version += 1
-        if config_ok and hb.overrides.newer_than(self.overrides):
+        newer = config_ok and hb.overrides.newer_than(self.overrides)
+        if newer and self._table_accepted(hb.overrides, peer.name):
             self._adopt(hb.overrides, peer.name)
             view_inputs = None  # drains may have changed: rebuild the view
         if not self.mature and hb.flags & Flag.READY:
@@ -339,13 +350,48 @@ class MembershipCore:
             self._pending_burst = max(self._pending_burst, LEAVE_BURST if self.leaving else 1)
 
     def set_overrides(self, table: Overrides, source: str = "local") -> bool:
-        """A new operator table made here (vipctl) or loaded from disk; kept only if newer
-        than ours. Sent at once, and with every heartbeat after."""
+        """A new operator table made here (vipctl, a reload: source "local", issued by this
+        node and signed here) or loaded from `state_dir` ("state": kept only if its signature
+        is still its issuer's); kept only if newer than ours. Sent at once, and with every
+        heartbeat after."""
         if not table.newer_than(self.overrides):
+            return False
+        if source == "local":
+            if table.issuer != self.name:
+                raise ValueError(f"a table made here is issued by {self.name}, not {table.issuer}")
+            table = table.signed(self._key, self.config.cluster)
+        elif not table.signature and table.issuer == self.name:
+            # Saved by a version that did not sign tables: it is our own, sign it now.
+            table = table.signed(self._key, self.config.cluster)
+        elif not self._table_accepted(table, source, from_peer=False):
             return False
         self._adopt(table, source)
         self._update_view()
         return True
+
+    def _table_accepted(self, table: Overrides, source: str, *, from_peer: bool = True) -> bool:
+        """Whether a table not made here may be adopted: its issuer is in the roster, it
+        verifies under the issuer's keys, and (from a peer) it is at most MAX_VERSION_STEP
+        ahead of ours. A refusal is counted each time and reported once per table."""
+        member = self.config.member(table.issuer)
+        if member is None:
+            reason = f"issuer {table.issuer!r} is not in the roster"
+        elif from_peer and table.version - self.overrides.version > MAX_VERSION_STEP:
+            reason = (
+                f"version {table.version} is more than {MAX_VERSION_STEP} ahead of ours"
+                f" ({self.overrides.version})"
+            )
+        elif (table.digest, table.signature) in self._refused_tables:
+            reason = ""  # known bad: no second signature check, no second report
+        elif not table.verifies(member.public_keys, self.config.cluster):
+            reason = f"signature is not {table.issuer}'s"
+        else:
+            return True
+        self.counters.inc("overrides_refused")
+        if reason and (table.digest, table.signature) not in self._refused_tables:
+            self._refused_tables.append((table.digest, table.signature))
+            self._events.append(OverridesRefused(table.version, table.issuer, source, reason))
+        return False
 
     def _adopt(self, table: Overrides, source: str) -> None:
         self.overrides = table
@@ -391,10 +437,16 @@ class MembershipCore:
         ):
             raise ValueError("rekey with a config that changes more than keys")
         self.config = config
+        changed = public_key != self._public_key
         self._key, self._public_key = key, public_key
         for m in config.roster:
             if m.name in self.peers:
                 self.peers[m.name].public_keys = m.public_keys
+        if changed and self.overrides.issuer == self.name:
+            # The table in force carries our old key's signature: re-issue it under the new
+            # one, so no table depends on a key the operator is about to remove.
+            with contextlib.suppress(OverridesError):  # at the last version: keep it
+                self.set_overrides(self.overrides.reissued(by=self.name))
 
     def set_stats(self, stats: Stats) -> None:
         self.stats = stats
@@ -568,8 +620,9 @@ class MembershipCore:
         """Whether heartbeats can carry `table` whatever else they carry (the longest
         RELEASED list included): an operator command that would not fit is refused."""
         worst = frozenset(range(min(self._group_count, wire.MAX_RELEASED)))
+        sized = replace(table, signature=bytes(SIGNATURE_LEN))  # signed once adopted
         try:
-            wire.encode(self._message(0.0, worst, table), self._key, self._public_key)
+            wire.encode(self._message(0.0, worst, sized), self._key, self._public_key)
         except ValueError:
             return False
         return True

@@ -136,6 +136,18 @@ class OverridesAdopted:
     drained: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class OverridesRefused:
+    """A newer operator table was not adopted: its issuer is not in the roster, its
+    signature is not the issuer's, or its version jumps too far (`reason`). `source` is the
+    member whose heartbeat carried it, or "state" (our own saved table)."""
+
+    version: int
+    issuer: str
+    source: str
+    reason: str
+
+
 Event = (
     MemberJoined
     | MemberRestarted
@@ -152,4 +164,5 @@ Event = (
     | HolddownStarted
     | PoolDiffers
     | OverridesAdopted
+    | OverridesRefused
 )

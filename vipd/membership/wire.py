@@ -20,11 +20,12 @@ Layout (all integers big-endian)::
     ..     64    Ed25519 signature over DOMAIN + every byte before it
 
 Body TLVs (each at most once): VIEW_DIGEST (8 bytes), CONFIG_DIGEST (8 bytes), HELD (u16 group
-count + bitmap of held group indices), STATS (fixed struct), OVERRIDES (the operator's table,
-`vipd.placement.overrides.Overrides.encode`), RELEASED (u16 count + u16 group indices, at most
-MAX_RELEASED: groups this node let go of lately, so their owner knows clients may still point
-here and announces them again), POOL_DIGEST (8 bytes: which pool the HELD and RELEASED
-indices refer to; a peer in the middle of a pool reload may run another one).
+count + bitmap of held group indices), STATS (fixed struct), SIGNED_OVERRIDES (the operator's
+table with its issuer's signature, `vipd.placement.overrides.Overrides.encode_signed`; the
+unsigned OVERRIDES of earlier versions is retired and skipped), RELEASED (u16 count + u16
+group indices, at most MAX_RELEASED: groups this node let go of lately, so their owner knows
+clients may still point here and announces them again), POOL_DIGEST (8 bytes: which pool the
+HELD and RELEASED indices refer to; a peer in the middle of a pool reload may run another one).
 New fields are new TLV types: older nodes skip them, so the format does not change.
 
 Decoding happens in two steps so a flood of junk is cheap: `parse_envelope` checks size and
@@ -84,9 +85,10 @@ class TLV(enum.IntEnum):
     CONFIG_DIGEST = 2
     HELD = 3
     STATS = 4
-    OVERRIDES = 5
+    OVERRIDES = 5  # retired: the unsigned u32 table of earlier versions; ignored when heard
     RELEASED = 6
     POOL_DIGEST = 7
+    SIGNED_OVERRIDES = 8  # the operator table with its issuer's signature
 
 
 class Reject(enum.StrEnum):
@@ -234,7 +236,10 @@ def encode(hb: Heartbeat, key: Ed25519PrivateKey, public_key: bytes) -> bytes:
         indices = sorted(hb.released)
         body += _tlv(TLV.RELEASED, struct.pack(f"!H{len(indices)}H", len(indices), *indices))
     if hb.overrides.version:
-        body += _tlv(TLV.OVERRIDES, hb.overrides.encode())
+        try:
+            body += _tlv(TLV.SIGNED_OVERRIDES, hb.overrides.encode_signed())
+        except OverridesError as e:
+            raise ValueError(str(e)) from None
     if hb.pool_digest is not None:
         body += _tlv(TLV.POOL_DIGEST, hb.pool_digest)
     cluster = _name(hb.cluster, "cluster")
@@ -356,7 +361,7 @@ def decode_body(env: Envelope) -> Heartbeat:
     stats_raw = fixed(TLV.STATS, _STATS.size)
     pool = fixed(TLV.POOL_DIGEST, DIGEST_LEN)
     group_count, held = _parse_held(fields.get(TLV.HELD))
-    overrides = _parse_overrides(fields.get(TLV.OVERRIDES))
+    overrides = _parse_overrides(fields.get(TLV.SIGNED_OVERRIDES))
     released = _parse_released(fields.get(TLV.RELEASED), group_count)
     if view is None or config is None:
         raise DecodeError(Reject.MALFORMED, "view or config digest missing")
@@ -396,11 +401,9 @@ def _parse_overrides(value: bytes | None) -> Overrides:
     if value is None:
         return Overrides()
     try:
-        table = Overrides.decode(value)
+        table = Overrides.decode_signed(value)
     except OverridesError as e:
-        raise DecodeError(Reject.MALFORMED, f"OVERRIDES: {e}") from None
-    if table.version == 0:
-        raise DecodeError(Reject.MALFORMED, "OVERRIDES: an empty table is sent as no TLV")
+        raise DecodeError(Reject.MALFORMED, f"SIGNED_OVERRIDES: {e}") from None
     return table
 
 

@@ -60,7 +60,7 @@ from vipd.node.reload import reload_changes
 from vipd.node.status import Status, build_status
 from vipd.placement.controller import Controller
 from vipd.placement.handover import ClaimAddress, ReleaseAddress, plan
-from vipd.placement.overrides import Overrides
+from vipd.placement.overrides import Overrides, OverridesError
 
 STOP_GRACE = 2.0  # after handover_timeout, how long a stop may still take
 
@@ -422,7 +422,10 @@ class Node:
         handler = handlers.get(name)
         if handler is None:
             raise CommandRejected(f"unknown command {name!r}")
-        reply = handler(request, uid)
+        try:
+            reply = handler(request, uid)
+        except OverridesError as e:  # e.g. a table at the last version: no edit can follow
+            raise CommandRejected(str(e)) from None
         return reply, self._take()
 
     def reload(
@@ -631,7 +634,7 @@ class Node:
                 self._out.append(SaveOverrides(self.core.overrides))
             elif isinstance(event, ev.PoolDiffers):
                 level, extra = "warning", {"detail": "expected during a rolling reload"}
-            elif isinstance(event, ev.ConfigMismatch | ev.ClockSkew):
+            elif isinstance(event, ev.ConfigMismatch | ev.ClockSkew | ev.OverridesRefused):
                 level = "error"
             elif isinstance(event, ev.MemberLost | ev.LoopStalled):
                 level = "warning"
