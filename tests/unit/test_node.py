@@ -233,3 +233,35 @@ def test_an_edit_after_the_last_table_version_is_refused_not_a_crash() -> None:
     with pytest.raises(CommandRejected, match="last version"):
         shell.node.command("drain", {"node": "n02", "drained": False}, uid=0, now=2, wall=2)
     assert shell.node.core.overrides == top
+
+
+def test_hooks_never_hold_back_the_kernel() -> None:
+    """`up`/`down` hooks are notifications (docs/configuration.md#hooks): each is ordered in
+    the same step as its group's first claim or release, and nothing waits for it to end (the
+    node has no input for a finished hook), so the addresses are in the kernel while it runs."""
+    shell = Shell()
+    shell.do(shell.node.start(now=0.0, wall=WALL0))
+    shell.hold = True  # keep every kernel job in flight: only orders given so far count
+    shell.run(SPEC.timing.mature_after + 0.5)
+    ups = {h.group for h in shell.orders(o.RunHook) if isinstance(h, o.RunHook)}
+    claims = [c for c in shell.held_back if isinstance(c, o.ClaimAddress)]
+    assert ups and {c.group for c in claims} <= ups
+    assert claims, "the first claim goes out with the up hooks, not after they finish"
+    first = shell.log.index(claims[0])
+    assert all(
+        shell.log.index(h) < first for h in shell.orders(o.RunHook) if isinstance(h, o.RunHook)
+    )
+
+    shell.hold = False
+    for job in shell.held_back:
+        shell.answer(job)
+    shell.held_back.clear()
+    shell.do([])
+    assert shell.node.held_groups() == ups
+    shell.log.clear()
+    shell.hold = True
+    shell.do(shell.node.stop(now=shell.now, wall=shell.wall))
+    downs = [h for h in shell.orders(o.RunHook) if isinstance(h, o.RunHook)]
+    releases = [r for r in shell.held_back if isinstance(r, o.ReleaseAddress)]
+    assert {h.event for h in downs} == {"down"} and releases
+    assert shell.log.index(downs[-1]) < shell.log.index(releases[0])
