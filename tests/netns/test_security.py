@@ -37,6 +37,7 @@ from vipd.lab.cluster import LabCluster
 from vipd.lab.probe import load_records, lost
 from vipd.lab.topology import CLIENT_IP4, MULTICAST_GROUP, MULTICAST_PORT, Lab
 from vipd.membership import wire
+from vipd.membership.core import RECENT
 
 pytestmark = pytest.mark.netns
 
@@ -153,6 +154,9 @@ def test_injected_heartbeats_are_counted_by_reason_and_change_nothing(
             )
             return wire.encode(hb, attacker, key_of)
 
+        # A copy of one of a peer's last few datagrams is a network duplicate (counted as
+        # `duplicate`, free once); wait until the captures are old, as an attacker's would be.
+        time.sleep(RECENT * config.timing.heartbeat_interval + 0.5)
         base = rejected(cluster)
         frames = [
             # Replays of every node's genuine heartbeat, from its own (spoofed) address.

@@ -308,3 +308,24 @@ def test_fast_profile_cold_start_crash_and_join() -> None:
     run.settle()
     assert run.holdings() == before
     run.assert_clean()
+
+
+def test_a_network_that_duplicates_every_frame_loses_nobody_under_the_fast_profile() -> None:
+    """Issue 11 item 11: with every frame delivered twice (the copy reordered by jitter), a
+    genuine peer's copies used to drain its rejection budget as replays and it was dropped for
+    about a second every few seconds. Now the copies are counted as duplicates and nothing
+    moves."""
+    fast = PROFILES["fast"]
+    run = formed(3, 9, timing=fast, net=NetParams(delay=0.001, jitter=0.004, dup=1.0), seed=3)
+    t0 = run.sim.now
+    run.run(20.0)
+    assert [e for n in ("n01", "n02", "n03") for e in run.events(n, "MemberLost")] == []
+    assert _changes(run, t0) == []
+    for name in ("n01", "n02", "n03"):
+        proc = run.sim.nodes[name].proc
+        assert proc is not None
+        rejected = proc.core.rejected
+        assert (
+            rejected["rate_limited"] == 0 and rejected["duplicate"] > 20.0 / fast.heartbeat_interval
+        )
+    run.assert_clean()

@@ -107,3 +107,48 @@ def test_accept_from_config() -> None:
         ipaddress.ip_network("198.51.100.11/32"),
         ipaddress.ip_network("198.51.100.12/32"),
     )
+
+
+def test_a_network_that_duplicates_every_frame_costs_a_genuine_peer_nothing() -> None:
+    """Issue 11 item 11: duplicated frames (a bridge loop, a bonding mix-up) are copies of
+    genuine datagrams, not attacks. Under the `fast` rate (about 67 heartbeats a second) with
+    every frame delivered twice, half the copies late, the peer is never rate-limited, every
+    original is accepted, and the copies are counted as duplicates, not charged as replays."""
+    nodes = make_cluster(2)
+    core = core_accepting(nodes, None)
+    interval, originals = 0.015, 700  # about 10 s
+    late: bytes | None = None
+    for seq in range(1, originals + 1):
+        now = 1.0 + seq * interval
+        data = genuine(nodes["n2"], seq=seq)
+        core.receive(data, PEER, now=now, wall=WALL0)
+        if late is not None:  # last one's copy, arriving after this one (reordered)
+            core.receive(late, PEER, now=now, wall=WALL0)
+            late = None
+        if seq % 2:
+            core.receive(data, PEER, now=now, wall=WALL0)
+        else:
+            late = data
+    assert core.counters["rx_accepted"] == originals
+    assert core.rejected["rate_limited"] == 0
+    assert core.rejected["duplicate"] == originals - 1 and core.rejected["replay"] == 0
+    assert counted(core) == 2 * originals - 1
+
+
+def test_a_copy_sent_again_and_again_is_a_replay_and_is_charged() -> None:
+    """A copy is free once: the same datagram resent more often (an attacker replaying the
+    peer's latest heartbeat from its address) is a replay, charged like any rejection."""
+    nodes = make_cluster(2)
+    core = core_accepting(nodes, None)
+    data = genuine(nodes["n2"], seq=1)
+    for i in range(3 * int(admission.REJECT_BURST)):
+        core.receive(data, PEER, now=1.0 + i / 10_000, wall=WALL0)
+    assert core.counters["rx_accepted"] == 1 and core.rejected["duplicate"] == 1
+    assert core.rejected["replay"] >= admission.REJECT_BURST
+    assert core.rejected["rate_limited"] > 0
+    # An old capture (not one of the last few datagrams) is a replay even the first time.
+    old = genuine(nodes["n2"], seq=2)
+    for seq in range(3, 40):
+        core.receive(genuine(nodes["n2"], seq=seq), "198.51.100.13", now=5.0, wall=WALL0)
+    core.receive(old, "198.51.100.13", now=5.0, wall=WALL0)
+    assert core.rejected["duplicate"] == 1

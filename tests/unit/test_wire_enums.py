@@ -48,6 +48,7 @@ PINNED_REJECT: list[tuple[str, str]] = [
     ("STALE", "stale"),
     ("SOURCE_NOT_ALLOWED", "source_not_allowed"),
     ("RATE_LIMITED", "rate_limited"),
+    ("DUPLICATE", "duplicate"),
 ]
 
 CASES = [

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 LEAVE_BURST = 3
 #: Hold-down doubles with each further flap, up to this factor.
 HOLDDOWN_MAX_FACTOR = 8
+#: How many of a peer's latest datagrams a copy is recognised for (a late duplicate).
+RECENT = 8
 
 
 @dataclass
@@ -133,6 +135,10 @@ class MembershipCore:
         # Tables refused lately, by (digest, signature): a forged table relayed with every
         # heartbeat costs one signature check and one report, not one per datagram.
         self._refused_tables: deque[tuple[bytes, bytes]] = deque(maxlen=8)
+        # Per peer, the signatures of its last RECENT accepted datagrams -> whether a copy was
+        # seen: one copy of each is the network duplicating a frame, not a replay (`_admit`).
+        # Admission bookkeeping like the rejection budget, so kept apart from the peer record.
+        self._recent: dict[str, dict[bytes, bool]] = {}
         me = config.member(config.node)
         self.weight = me.weight if me is not None else 1
         self.peers: dict[str, Peer] = {
@@ -199,10 +205,15 @@ class MembershipCore:
             self._verify(env, peer.public_keys)
             hb = self._decode_body(env)
         except DecodeError as e:
-            self._admission.charge(source, now)
+            if e.reason is not Reject.DUPLICATE:  # a copy of a genuine datagram costs nothing
+                self._admission.charge(source, now)
             self._reject(e.reason, source, sender, e.detail)
             return
         self.counters.inc("rx_accepted")
+        recent = self._recent.setdefault(peer.name, {})
+        recent[env.signature] = False
+        if len(recent) > RECENT:
+            del recent[next(iter(recent))]
         self._apply(peer, hb, now=now, wall=wall)
 
     def _reject(self, reason: Reject, source: str, sender: str | None, detail: str) -> None:
@@ -219,6 +230,13 @@ class MembershipCore:
         if peer is None:
             raise DecodeError(Reject.UNKNOWN_SENDER, f"{env.sender!r} is not in the roster")
         if (env.incarnation, env.seq) <= (peer.incarnation, peer.seq):
+            # Ed25519 signatures are deterministic: the signature of a datagram we accepted
+            # lately names it. The first copy of each is the network duplicating a frame, and
+            # a genuine peer must not pay for it; any further copy is a replay.
+            recent = self._recent.get(peer.name, {})
+            if recent.get(env.signature) is False:
+                recent[env.signature] = True
+                raise DecodeError(Reject.DUPLICATE, f"a copy of ({env.incarnation}, {env.seq})")
             raise DecodeError(
                 Reject.REPLAY,
                 f"({env.incarnation}, {env.seq}) not after ({peer.incarnation}, {peer.seq})",

@@ -112,6 +112,7 @@ class Reject(enum.StrEnum):
     STALE = "stale"
     SOURCE_NOT_ALLOWED = "source_not_allowed"  # outside cluster.accept_from (never parsed)
     RATE_LIMITED = "rate_limited"  # its source ran out of rejection budget (never parsed)
+    DUPLICATE = "duplicate"  # a second copy of a datagram just accepted (not charged)
 
 
 class DecodeError(Exception):
