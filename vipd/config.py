@@ -74,6 +74,19 @@ class Timing:
     holddown: float
 
 
+#: The timing fields every node must share, because nodes judge each other by them: how
+#: often a peer sends against how long we wait for it, how long a planned move waits for
+#: agreement against how long the old holder keeps the group, and the replay window. The
+#: others (startup_wait, reconcile_interval, mature_after, flap_window, holddown) only pace
+#: the node itself and may differ. These are in `Config.digest`.
+CLUSTER_TIMING = (
+    "heartbeat_interval",
+    "dead_after",
+    "settle_time",
+    "handover_timeout",
+    "freshness_window",
+)
+
 #: Named timing profiles. ``lan``: failover ~0.7 s, survives 20% loss; ``fast``: ~0.15 s on a
 #: quiet, uncongested segment, at 67 heartbeats/s per node. Both set dead_after to 10
 #: heartbeat intervals: at 20% loss a live peer is falsely lost with probability 0.2**10 (1e-7)
@@ -215,7 +228,8 @@ class Config:
 
     @property
     def digest(self) -> bytes:
-        """8-byte digest of what must match across nodes: cluster, roster, placement rules.
+        """8-byte digest of what must match across nodes: cluster, roster, placement rules,
+        partition policy and the timing the nodes judge each other by (CLUSTER_TIMING).
 
         Interface names are left out on purpose: they may differ between machines; so are
         public keys, which differ between nodes during a key rotation (a wrong key shows as
@@ -225,10 +239,16 @@ class Config:
         """
         # The placement algorithm's version is part of the digest: nodes that would place the
         # same pool differently must be reported as mismatched, never silently disagree.
-        h = hashlib.sha256(f"vipd-config-v2 placement-v{PLACEMENT_VERSION}\0".encode())
+        h = hashlib.sha256(f"vipd-config-v3 placement-v{PLACEMENT_VERSION}\0".encode())
         h.update(self.cluster.encode() + b"\0")
         for m in sorted(self.roster, key=lambda m: m.name):
             h.update(f"member {m.name} {m.weight}\n".encode())
+        # A `fast` node among `lan` ones falsely loses them over and over, and one node on
+        # `all` among `majority` ones serves a minority side: these must agree. float.hex
+        # is exact, so 0.075 written two ways is one value.
+        h.update(f"partition {self.partition_policy}\n".encode())
+        for name in CLUSTER_TIMING:
+            h.update(f"timing {name} {float(getattr(self.timing, name)).hex()}\n".encode())
         return h.digest()[:8]
 
     @property

@@ -6,6 +6,8 @@ explicit assertions below, each one also fails on any I1-I6 or liveness violatio
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.sim.cluster import ClusterSpec
@@ -328,4 +330,22 @@ def test_a_network_that_duplicates_every_frame_loses_nobody_under_the_fast_profi
         assert (
             rejected["rate_limited"] == 0 and rejected["duplicate"] > 20.0 / fast.heartbeat_interval
         )
+    run.assert_clean()
+
+
+def test_a_node_on_another_timing_profile_is_a_config_mismatch_and_takes_nothing() -> None:
+    """Issue 11 item 5: a `fast` node among `lan` nodes waits 0.15 s for peers that send
+    every 0.075 s, so it loses them over and over. Its timing is in the config digest: it is
+    reported as a mismatch, holds nothing, and the others keep one owner per group. (Before
+    the fix, at 10% loss it lost its peers 3 times in 10 s and made 5 claims.)"""
+    spec = ClusterSpec(nodes=3, groups=6)
+    odd = replace(spec.config("n03"), timing=PROFILES["fast"])
+    net = NetParams(loss=0.1)
+    run = formed(3, 6, configs={"n03": odd}, start=["n01", "n02"], net=net)
+    before = run.holdings()
+    run.sim.start("n03")
+    run.run(10.0)
+    assert run.events("n01", "ConfigMismatch") and run.events("n03", "ConfigMismatch")
+    assert run.events("n03", "kernel claim") == []
+    assert run.holdings() == before
     run.assert_clean()

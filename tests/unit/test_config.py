@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.clusterkit import config_dict
-from vipd.config import ConfigError, load_config, parse_config
+from vipd.config import CLUSTER_TIMING, PROFILES, ConfigError, load_config, parse_config
 from vipd.host.keys import generate_key_file, load_private_key, public_key_line
 
 KEYS = {"n1": Ed25519PrivateKey.generate(), "n2": Ed25519PrivateKey.generate()}
@@ -124,6 +124,30 @@ def test_pool_preferences_announce_and_hooks_are_read() -> None:
     other = base()
     assert parse_config(other, Path("x.toml")).digest == cfg.digest
     assert parse_config(other, Path("x.toml")).pool_digest != cfg.pool_digest
+
+
+def test_what_nodes_judge_each_other_by_is_in_the_config_digest() -> None:
+    """Issue 11 item 5: the partition policy and the cluster-wide timing must agree, so a
+    difference is a config mismatch; timing that only paces the node itself is not."""
+
+    def digest(**timing: object) -> bytes:
+        data = base()
+        policy = timing.pop("partition_policy", None)
+        if policy is not None:
+            data["cluster"]["partition_policy"] = policy
+        data["timing"] = {**data.get("timing", {}), **timing}
+        return parse_config(data, Path("x.toml")).digest
+
+    plain = digest()
+    assert digest(profile="lan") == plain
+    assert digest(heartbeat_interval=0.075) == plain  # the profile's own value, spelled out
+    assert digest(profile="fast") != plain
+    for name in CLUSTER_TIMING:
+        value = getattr(PROFILES["lan"], name)
+        assert digest(**{name: value * 1.5}) != plain, name
+    assert digest(partition_policy="majority") != plain
+    for local in ("startup_wait", "reconcile_interval", "mature_after", "holddown"):
+        assert digest(**{local: getattr(PROFILES["lan"], local) * 1.5}) == plain, local
 
 
 def test_unicast_roster_addresses() -> None:
