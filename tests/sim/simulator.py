@@ -199,6 +199,7 @@ class Trace:
 _TRACED = (
     ev.MemberJoined,
     ev.MemberRestarted,
+    ev.IncarnationWentBack,
     ev.MemberLost,
     ev.ViewChanged,
     ev.BecameReady,

@@ -349,3 +349,22 @@ def test_a_node_on_another_timing_profile_is_a_config_mismatch_and_takes_nothing
     assert run.events("n03", "kernel claim") == []
     assert run.holdings() == before
     run.assert_clean()
+
+
+def test_a_restart_after_the_clock_went_back_without_state_dir_rejoins() -> None:
+    """Issue 11 item 13: without state_dir the incarnation is the start time in ms; n03's
+    clock steps back 20 s while it is down, so it restarts with a lower incarnation. Its
+    peers, which had lost it, take that as a restart, and the placement comes back with one
+    owner per group. Before the fix every peer refused it as a replay for the whole run."""
+    run = formed(3, 9)
+    before = run.holdings()
+    run.sim.crash("n03")
+    run.run(2.0)
+    node = run.sim.nodes["n03"]
+    node.skew -= 20.0
+    node.last_incarnation = 0  # no state_dir: nothing remembers the last incarnation
+    run.sim.start("n03")
+    run.settle()
+    assert run.events("n01", "IncarnationWentBack") and run.events("n02", "IncarnationWentBack")
+    assert run.holdings() == before
+    run.assert_clean()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -16,6 +17,7 @@ from vipd.membership.events import (
     BecameReady,
     ConfigMismatch,
     Event,
+    IncarnationWentBack,
     LoopStalled,
     MemberLost,
     MemberRestarted,
@@ -102,9 +104,9 @@ def test_lone_node_waits_startup_wait_before_taking_part() -> None:
     net = Net(nodes, start=["n1"])
     core = net.cores["n1"]
     net.run(core.timing.startup_wait - 0.05)
-    assert not core.ready and core.flags == Flag.JOINING
+    assert not core.ready and core.flags == Flag.JOINING | Flag.EPHEMERAL
     net.run(0.1)
-    assert core.ready and core.flags == Flag.READY and core.view.members == ("n1",)
+    assert core.ready and core.flags == Flag.READY | Flag.EPHEMERAL and core.view.members == ("n1",)
 
 
 def test_joining_members_are_placed_before_they_are_ready() -> None:
@@ -175,6 +177,56 @@ def test_restart_with_higher_incarnation_rejoins() -> None:
     assert net.of("n1", MemberRestarted) == [MemberRestarted("n3", 1, 2)]
     assert net.cores["n1"].view.members == ("n1", "n2", "n3")
     assert net.cores["n1"].peers["n3"].incarnation == 2
+
+
+def test_a_node_without_state_dir_whose_clock_went_back_rejoins_once_it_was_lost() -> None:
+    """Issue 11 item 13: without `state_dir` the incarnation is the start time in ms, so a
+    restart after the clock stepped back comes with a lower one, and every peer refused it
+    as a replay for as long as that run lasted. Such a node says so in its heartbeats
+    (EPHEMERAL, signed): a peer that has lost it accepts the lower incarnation as a restart;
+    one that still monitors it does not, so a replay cannot roll back a live member."""
+    net = Net(make_cluster(3))
+    net.run(0.5)
+    net.stop("n3")
+    net.start("n3", incarnation=1_000)
+    net.run(0.5)
+    assert net.cores["n1"].peers["n3"].incarnation == 1_000
+    net.stop("n3")
+    net.run(1.0)  # lost by both peers (dead_after 0.75 s)
+    assert net.cores["n1"].peers["n3"].state is MemberState.DEAD
+    net.start("n3", incarnation=400)  # the clock stepped back before this start
+    net.run(1.0)
+    for name in ("n1", "n2"):
+        assert net.cores[name].peers["n3"].incarnation == 400, name
+        assert net.cores[name].view.members == ("n1", "n2", "n3"), name
+        assert net.of(name, IncarnationWentBack) == [IncarnationWentBack("n3", 1_000, 400)]
+    # A member still monitored cannot be rolled back: an older run's datagram is a replay.
+    before = net.cores["n1"].rejected["replay"]
+    older = net.nodes["n3"].core(now=net.now, incarnation=300)
+    for data in older.datagrams_to_send(now=net.now, wall=WALL0 + net.now):
+        net.cores["n1"].receive(data, "n3", now=net.now, wall=WALL0 + net.now)
+    assert net.cores["n1"].rejected["replay"] == before + 1
+    assert net.cores["n1"].peers["n3"].incarnation == 400
+
+
+def test_a_node_with_state_dir_is_never_rolled_back() -> None:
+    """With `state_dir` the incarnation only rises, so no datagram with a lower one can be
+    genuine: a lost member's older run stays a replay."""
+    nodes = make_cluster(3)
+    n3 = nodes["n3"]
+    nodes["n3"] = Node(replace(n3.config, state_dir=Path("/var/lib/vipd")), n3.key)
+    net = Net(nodes)
+    net.run(0.5)
+    net.stop("n3")
+    net.start("n3", incarnation=1_000)
+    net.run(0.5)
+    net.stop("n3")
+    net.run(1.0)
+    net.start("n3", incarnation=400)
+    net.run(1.0)
+    assert net.cores["n1"].peers["n3"].incarnation == 1_000
+    assert net.cores["n1"].peers["n3"].state is MemberState.DEAD
+    assert net.cores["n1"].rejected["replay"] > 0
 
 
 def test_heartbeats_carry_what_a_node_holds() -> None:

@@ -20,6 +20,7 @@ PINNED_FLAG: list[tuple[str, int]] = [
     ("DRAINING", 4),
     ("LEAVING", 8),
     ("HOLDDOWN", 16),
+    ("EPHEMERAL", 32),
 ]
 
 PINNED_TLV: list[tuple[str, int]] = [

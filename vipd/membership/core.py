@@ -32,6 +32,7 @@ from vipd.membership.events import (
     ConfigMismatch,
     Event,
     HolddownStarted,
+    IncarnationWentBack,
     LoopStalled,
     MemberJoined,
     MemberLost,
@@ -229,7 +230,9 @@ class MembershipCore:
         peer = self.peers.get(env.sender)
         if peer is None:
             raise DecodeError(Reject.UNKNOWN_SENDER, f"{env.sender!r} is not in the roster")
-        if (env.incarnation, env.seq) <= (peer.incarnation, peer.seq):
+        if (env.incarnation, env.seq) <= (peer.incarnation, peer.seq) and not _rolled_back(
+            env, peer
+        ):
             # Ed25519 signatures are deterministic: the signature of a datagram we accepted
             # lately names it. The first copy of each is the network duplicating a frame, and
             # a genuine peer must not pay for it; any further copy is a replay.
@@ -252,6 +255,8 @@ class MembershipCore:
         view_inputs: tuple[object, ...] | None = (_view_entry(peer), self.holddown_until is None)
         if peer.incarnation and hb.incarnation > peer.incarnation and peer.state in MONITORED:
             self._events.append(MemberRestarted(peer.name, peer.incarnation, hb.incarnation))
+        elif hb.incarnation < peer.incarnation:  # let through by _rolled_back
+            self._events.append(IncarnationWentBack(peer.name, peer.incarnation, hb.incarnation))
         if self._isolated and peer.state == MemberState.DEAD:
             self._isolated = False
             if hb.incarnation == peer.incarnation:
@@ -513,9 +518,12 @@ class MembershipCore:
 
     @property
     def flags(self) -> Flag:
+        # Without state_dir our incarnation is the start time in ms: say so, so that a peer
+        # that lost us accepts a lower one after the clock went back (`_rolled_back`).
+        ephemeral = Flag.EPHEMERAL if self.config.state_dir is None else Flag.NONE
         if self.leaving:
-            return Flag.LEAVING
-        flags = Flag.READY if self.ready else Flag.JOINING
+            return Flag.LEAVING | ephemeral
+        flags = (Flag.READY if self.ready else Flag.JOINING) | ephemeral
         if self.draining:
             flags |= Flag.DRAINING
         if self.holddown_until is not None:
@@ -732,6 +740,20 @@ class MembershipCore:
             self._events.append(ViewChanged(view.members, view.digest_hex))
         else:
             self.view = view
+
+
+def _rolled_back(env: wire.Envelope, peer: Peer) -> bool:
+    """Whether a datagram with an older incarnation than `peer`'s may still be genuine: its
+    sender runs without state_dir (EPHEMERAL, checked with the signature next), so its
+    incarnation went back with its clock, and we have lost that peer, so no run of it is
+    alive that a replay could roll back. Such a replay needs a capture from an earlier run
+    still within freshness_window: the peer must have run twice in that window and then
+    died (docs/security.md)."""
+    return (
+        bool(env.flags & Flag.EPHEMERAL)
+        and env.incarnation < peer.incarnation
+        and peer.state not in MONITORED
+    )
 
 
 def _view_entry(p: Peer) -> tuple[int, int, bool] | None:

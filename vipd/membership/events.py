@@ -16,6 +16,16 @@ class MemberJoined:
 
 
 @dataclass(frozen=True)
+class IncarnationWentBack:
+    """A member we had lost came back with a lower incarnation. It runs without
+    `node.state_dir`, and its clock went back between two starts."""
+
+    name: str
+    old_incarnation: int
+    new_incarnation: int
+
+
+@dataclass(frozen=True)
 class MemberRestarted:
     """A live member came back with a higher incarnation (its daemon restarted)."""
 
@@ -151,6 +161,7 @@ class OverridesRefused:
 Event = (
     MemberJoined
     | MemberRestarted
+    | IncarnationWentBack
     | MemberStateChanged
     | MemberLost
     | ViewChanged

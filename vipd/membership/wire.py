@@ -71,9 +71,13 @@ class Flag(enum.IntFlag):
     DRAINING = 4  # member, but holds nothing (operator drain)
     LEAVING = 8  # graceful stop: take my addresses now
     HOLDDOWN = 16  # flapped recently: member, but placed only if nobody else can be
+    # No state_dir: the incarnation is the start time in ms and goes back with the clock.
+    EPHEMERAL = 32
 
 
-_KNOWN_FLAGS = int(Flag.JOINING | Flag.READY | Flag.DRAINING | Flag.LEAVING | Flag.HOLDDOWN)
+_KNOWN_FLAGS = int(
+    Flag.JOINING | Flag.READY | Flag.DRAINING | Flag.LEAVING | Flag.HOLDDOWN | Flag.EPHEMERAL
+)
 
 
 class TLV(enum.IntEnum):

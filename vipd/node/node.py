@@ -638,6 +638,8 @@ class Node:
                 level = "error"
             elif isinstance(event, ev.MemberLost | ev.LoopStalled):
                 level = "warning"
+            elif isinstance(event, ev.IncarnationWentBack):
+                level, extra = "warning", {"fix": f"set node.state_dir on {event.name}"}
             elif isinstance(event, ev.MemberStateChanged):
                 level = "debug"
             self._out.append(Log(level, name, {"view": view, **extra, **fields}, source=event))
