@@ -23,19 +23,24 @@ pytestmark = pytest.mark.netns
 def test_address_deleted_by_hand_is_restored(cluster: LabCluster) -> None:
     owners = cluster.wait_converged()
     vip, holder = sorted(owners.items())[0]
+    repairs = cluster.status(holder)["counters"].get("drift_repairs", 0)  # absent until one
     cluster.lab.exec(holder, ["ip", "addr", "del", f"{vip}/32", "dev", "eth0"])
-    assert vip not in cluster.lab.addresses(holder)
+    # No check that the address is gone: the netlink event makes the daemon put it back
+    # within about a millisecond, before a second `ip` could look. The repair counter and
+    # the log line show that the deletion happened and was repaired.
     interval = load_config(cluster.config_path(holder)).timing.reconcile_interval
     cluster.wait_for(
-        lambda: vip in cluster.lab.addresses(holder),
+        lambda: (
+            vip in cluster.lab.addresses(holder)
+            and cluster.status(holder)["counters"].get("drift_repairs", 0) > repairs
+        ),
         interval + 2.0,
         f"{holder} to restore {vip} within one reconcile interval",
         nodes=[holder],
     )
     assert cluster.wait_converged() == owners  # repaired in place: nothing else moved
-    counters = cluster.status(holder)["counters"]
-    assert counters["drift_repairs"] >= 1
-    assert "drift" in cluster.log_path(holder).read_text()
+    log = cluster.log_path(holder).read_text()
+    assert any("drift" in line and f"{vip}/32" in line for line in log.splitlines())
 
 
 @pytest.fixture
