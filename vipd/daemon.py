@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import time
@@ -31,13 +32,14 @@ from vipd.host.keys import load_node_key, public_key_bytes
 from vipd.host.log import configure_logging
 from vipd.host.metrics import StatusCollector, serve
 from vipd.host.ratelimit import RateLimitedLog
-from vipd.host.state import load_overrides, next_incarnation, save_overrides
+from vipd.host.state import load_overrides, next_incarnation, record_incarnation, save_overrides
 from vipd.host.stats import StatsCollector
 from vipd.host.supervise import Supervisor
 from vipd.kernel.address_events import AddressChange, AddressWatcher, Resync
 from vipd.kernel.addresses import AddressError, AddressManager, InterfaceMissing
 from vipd.kernel.heartbeats import Transport, open_transport
 from vipd.kernel.transport import TransportError
+from vipd.membership import wire
 from vipd.node import orders as o
 from vipd.node.node import STOP_GRACE, CommandRejected, Node
 from vipd.node.reload import ReloadRefused
@@ -110,6 +112,7 @@ class Daemon:
             incarnation=next_incarnation(cfg.state_dir, self._wall()),
             now=loop.time(),
             rng=self.rng,
+            nonce=os.urandom(wire.NONCE_LEN),
         )
         self._supervisor = Supervisor(loop, self._limited, self.node.task_failed)
         frames.preload()
@@ -218,6 +221,8 @@ class Daemon:
                     self._open_transport()
                 case o.SaveOverrides(table) if self.config.state_dir is not None:
                     self._save(table)
+                case o.SaveIncarnation(incarnation) if self.config.state_dir is not None:
+                    self._supervisor.spawn(self._save_incarnation(incarnation), "incarnation")
                 case o.Notify(text):
                     systemd.notify(text)
                 case o.Exit():
@@ -238,6 +243,13 @@ class Daemon:
                 await asyncio.to_thread(save_overrides, self.config.state_dir, table)
             except StateError as e:  # the table lives on in memory and in heartbeats
                 self._limited.error("overrides_not_saved", key="save", error=str(e))
+
+    async def _save_incarnation(self, incarnation: int) -> None:
+        assert self.config.state_dir is not None
+        try:
+            await asyncio.to_thread(record_incarnation, self.config.state_dir, incarnation)
+        except StateError as e:  # the next start may then be refused as a replay: say so
+            self._limited.error("incarnation_not_saved", key="incarnation", error=str(e))
 
     def _log(self, order: o.Log) -> None:
         if order.limit_key is not None and order.level in ("warning", "error"):

@@ -37,7 +37,7 @@ from vipd.host.keys import public_key_bytes
 from vipd.kernel.heartbeats import MAX_READS_PER_WAKEUP, RECV_BUFFER
 from vipd.membership import wire
 from vipd.membership.core import MembershipCore, View
-from vipd.membership.events import PacketRejected
+from vipd.membership.events import DuplicateNode, PacketRejected, ViewChanged
 from vipd.membership.wire import TLV, DecodeError, Flag, Heartbeat, Reject, Stats
 from vipd.placement.overrides import (
     MAX_ENTRIES,
@@ -526,6 +526,8 @@ def _mutate_value(rng: random.Random, kind: int, value: bytes) -> bytes:
     choice = rng.random()
     if choice < 0.4 and kind == TLV.SIGNED_OVERRIDES:
         return mutate_overrides(rng, value)
+    if choice < 0.05 and kind in (TLV.HELD, TLV.RELEASED):
+        return value[: rng.choice((0, 1))]  # shorter than its count
     if choice < 0.25 and kind in (TLV.HELD, TLV.RELEASED) and len(v) >= 2:
         count = rng.choice((0, 1, 8, 9, 64, 65, 4096, 4097, 0xFFFF, _interesting(rng, 16)))
         struct.pack_into("!H", v, 0, count)
@@ -666,10 +668,14 @@ class Flood:
         if kind < 0.9:
             self.seq += 1
             return sign(heartbeat("n2", seq=self.seq), rng.choice((STRANGER, KEYS["n3"])))
-        if kind < 0.94:
+        if kind < 0.92:
             self.seq += 1
             who = rng.choice((("other", "n2"), ("web", "mallory"), ("web", "n1")))
             return sign(heartbeat(who[1], seq=self.seq, cluster=who[0]), KEYS["n2"])
+        if kind < 0.94:  # another instance of the receiver: its name, its key, another nonce
+            self.seq += 1
+            nonce = rng.randbytes(wire.NONCE_LEN)
+            return sign(heartbeat("n1", seq=self.seq, nonce=nonce), KEYS["n1"])
         self.seq += 1
         skew = rng.choice((-1, 1)) * rng.choice((31_000, 3_600_000, int(WALL0 * 1000)))
         return sign(
@@ -774,6 +780,9 @@ def snapshot(core: MembershipCore) -> tuple[View, dict[str, Any], frozenset[int]
 
 #: Rejections the core reports once per dry spell, not once per datagram (see admission).
 QUIET_REASONS = frozenset({"rate_limited"})
+#: Refused as a peer's heartbeat, yet verified news about ourselves: another instance of this
+#: node runs, so we leave our own view (and say so once). Peer records stay as they were.
+SELF_REASONS = frozenset({"duplicate_node"})
 
 
 def feed(core: MembershipCore, data: bytes, *, source: str = SOURCE, now: float = NOW) -> str:
@@ -793,7 +802,15 @@ def feed(core: MembershipCore, data: bytes, *, source: str = SOURCE, now: float 
     if accepted:
         return "accepted"
     (reason,) = moved
-    assert snapshot(core) == before, f"a rejected datagram ({reason}) changed the core"
+    after = snapshot(core)
+    if reason in SELF_REASONS:
+        assert after[1:] == before[1:], f"a rejected datagram ({reason}) changed a peer"
+        assert core.duplicate
+        queued += sum(
+            isinstance(e, DuplicateNode | ViewChanged) for e in list(core._events)[queued:]
+        )
+    else:
+        assert after == before, f"a rejected datagram ({reason}) changed the core"
     new = len(core._events) - queued
     assert new == 1 or (reason in QUIET_REASONS and new == 0), (reason, new)
     if new:

@@ -176,6 +176,7 @@ def test_mutation_engine_reaches_every_refusal_of_decode_body() -> None:
         "CONFIG_DIGEST has",
         "STATS has",
         "POOL_DIGEST has",
+        "NONCE has",
         "digest missing",
         "HELD too short",
         "HELD bitmap does not match",

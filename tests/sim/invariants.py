@@ -456,7 +456,9 @@ class Checker:
             self.last_stable_ok = now
             return
         # I4: one view and one placement among the members that take part.
-        active = [p for p in live if not p.core.config_passive]
+        # Passive (a losing config digest) and duplicated (a second instance of the node
+        # runs) daemons hold nothing by design.
+        active = [p for p in live if not p.core.config_passive and not p.core.duplicate]
         if not active:
             self.fail("I4", "every live daemon is passive (config mismatch)")
             return

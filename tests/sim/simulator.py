@@ -79,6 +79,7 @@ from vipd.node.orders import (
     Log,
     Order,
     ReleaseAddress,
+    SaveIncarnation,
     SendDatagram,
     SetTimer,
     Timer,
@@ -208,6 +209,8 @@ _TRACED = (
     ev.LoopStalled,
     ev.SelfDisrupted,
     ev.HolddownStarted,
+    ev.DuplicateNode,
+    ev.DuplicateGone,
     ev.ClockSkew,
 )
 
@@ -308,6 +311,11 @@ class Sim:
 
     # --- faults and operator actions --------------------------------------------------------
 
+    def add_clone(self, of: str, name: str) -> None:
+        """A second machine `name` with `of`'s config and key (a cloned VM): not started."""
+        self.nodes[name] = SimNode(name, self.nodes[of].config)
+        self.order = tuple(sorted(self.nodes))
+
     def start(self, name: str, *, planned: bool | None = None) -> None:
         """Start the daemon (a new incarnation). A start with no other daemon serving is a
         cold start (unplanned: the pool is unserved until it matures); else a planned join."""
@@ -323,13 +331,15 @@ class Sim:
         incarnation = max(int(self.wall(node) * 1000), node.last_incarnation + 1)
         node.last_incarnation = incarnation
         self._pid += 1
+        identity = node.config.node  # a clone (`add_clone`) runs under another's name
         daemon = Node(
             node.config,
-            node_key(name),
-            node_public_key(name),
+            node_key(identity),
+            node_public_key(identity),
             incarnation=incarnation,
             now=self.now,
             rng=random.Random(self.rng.getrandbits(64)),
+            nonce=self._pid.to_bytes(8),  # unique per start, and draws nothing from the rng
             memo=self.memo,
         )
         texts = self._pool_texts(node.config)
@@ -509,6 +519,8 @@ class Sim:
                 self._list(proc, order)
             elif isinstance(order, Exit):
                 self._exited(proc)
+            elif isinstance(order, SaveIncarnation):
+                proc.node.last_incarnation = max(proc.node.last_incarnation, order.incarnation)
             # OpenTransport, WatchConflicts (the one client hears every frame), RunHook,
             # SaveOverrides, Notify: nothing to model.
 

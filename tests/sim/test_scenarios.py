@@ -368,3 +368,23 @@ def test_a_restart_after_the_clock_went_back_without_state_dir_rejoins() -> None
     assert run.events("n01", "IncarnationWentBack") and run.events("n02", "IncarnationWentBack")
     assert run.holdings() == before
     run.assert_clean()
+
+
+def test_a_cloned_machine_makes_neither_instance_serve_and_one_returns_when_it_goes() -> None:
+    """Issue 11 item 6: "n02-clone" runs n02's config and key on another machine. Before,
+    both held n02's share (two owners, for good). Now both hold nothing while both run, n02's
+    groups move make-before-break to n01 and n03, and after the clone crashes n02 takes its
+    share back under a new incarnation."""
+    run = formed(3, 9)
+    before = run.holdings()
+    run.sim.add_clone("n02", "n02-clone")
+    run.sim.start("n02-clone")
+    run.settle()
+    assert run.events("n02", "DuplicateNode") and run.events("n02-clone", "DuplicateNode")
+    assert run.held_by("n02") == frozenset() and run.held_by("n02-clone") == frozenset()
+    assert run.held_by("n01") | run.held_by("n03") == run.all_groups()
+    run.sim.crash("n02-clone")
+    run.settle()
+    assert run.events("n02", "DuplicateGone")
+    assert run.holdings() == {**before, "n02-clone": frozenset()}
+    run.assert_clean()

@@ -16,6 +16,8 @@ from vipd.membership.core import MembershipCore
 from vipd.membership.events import (
     BecameReady,
     ConfigMismatch,
+    DuplicateGone,
+    DuplicateNode,
     Event,
     IncarnationWentBack,
     LoopStalled,
@@ -227,6 +229,48 @@ def test_a_node_with_state_dir_is_never_rolled_back() -> None:
     assert net.cores["n1"].peers["n3"].incarnation == 1_000
     assert net.cores["n1"].peers["n3"].state is MemberState.DEAD
     assert net.cores["n1"].rejected["replay"] > 0
+
+
+def test_a_second_instance_of_a_node_is_reported_and_neither_is_placed() -> None:
+    """Issue 11 item 6: a cloned machine (same name, same key) used to be only counted
+    (`own_name`); both placed themselves under that name and held its share for good. Now
+    each instance recognises the other (signed with its key, another nonce), reports it,
+    and advertises DUPLICATE: no member places it, so neither holds anything. When one
+    goes, the other takes part again under an incarnation above both."""
+    nodes = make_cluster(3)
+    nodes["n2-clone"] = nodes["n2"]  # another machine with n2's config and key
+    net = Net(nodes, start=["n1", "n2", "n3"])
+    net.run(0.5)
+    net.start("n2-clone", incarnation=5)
+    net.run(0.3)
+    for name in ("n2", "n2-clone"):
+        core = net.cores[name]
+        assert core.duplicate and core.flags & Flag.DUPLICATE, name
+        assert "n2" not in core.view.members, name
+        assert len(net.of(name, DuplicateNode)) == 1, name
+        assert core.rejected["duplicate_node"] > 0 and core.rejected["rate_limited"] == 0
+    for name in ("n1", "n3"):
+        assert net.cores[name].view.members == ("n1", "n3"), name
+    net.run(2.0)  # still both running: still nobody places n2
+    assert net.cores["n1"].view.members == ("n1", "n3")
+
+    net.stop("n2-clone")
+    net.run(1.0)
+    assert not net.cores["n2"].duplicate
+    gone = net.of("n2", DuplicateGone)
+    assert gone == [DuplicateGone(1, 6)]
+    assert list(net.cores["n1"].view.members) == ["n1", "n2", "n3"]
+    assert net.cores["n1"].peers["n2"].incarnation == 6
+
+
+def test_a_datagram_in_our_name_with_another_key_is_a_charged_spoof_not_a_clone() -> None:
+    nodes = make_cluster(2)
+    core = nodes["n1"].core()
+    forged = Node(nodes["n1"].config, Ed25519PrivateKey.generate()).core(incarnation=9)
+    for data in forged.datagrams_to_send(now=0.0, wall=WALL0):
+        core.receive(data, "198.51.100.66", now=0.0, wall=WALL0)
+    assert core.rejected["own_name"] == 1 and core.rejected["duplicate_node"] == 0
+    assert not core.duplicate
 
 
 def test_heartbeats_carry_what_a_node_holds() -> None:

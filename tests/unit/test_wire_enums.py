@@ -21,6 +21,7 @@ PINNED_FLAG: list[tuple[str, int]] = [
     ("LEAVING", 8),
     ("HOLDDOWN", 16),
     ("EPHEMERAL", 32),
+    ("DUPLICATE", 64),
 ]
 
 PINNED_TLV: list[tuple[str, int]] = [
@@ -32,6 +33,7 @@ PINNED_TLV: list[tuple[str, int]] = [
     ("RELEASED", 6),
     ("POOL_DIGEST", 7),
     ("SIGNED_OVERRIDES", 8),
+    ("NONCE", 9),
 ]
 
 PINNED_REJECT: list[tuple[str, str]] = [
@@ -50,6 +52,7 @@ PINNED_REJECT: list[tuple[str, str]] = [
     ("SOURCE_NOT_ALLOWED", "source_not_allowed"),
     ("RATE_LIMITED", "rate_limited"),
     ("DUPLICATE", "duplicate"),
+    ("DUPLICATE_NODE", "duplicate_node"),
 ]
 
 CASES = [

@@ -36,6 +36,18 @@ def next_incarnation(state_dir: Path | None, wall: float) -> int:
     return incarnation
 
 
+def record_incarnation(state_dir: Path, incarnation: int) -> None:
+    """Raise the recorded incarnation to `incarnation` (a run that re-incarnated), never
+    lower it. Raises StateError."""
+    path = state_dir / FILE
+    try:
+        previous = int(path.read_text().strip())
+    except (OSError, ValueError):
+        previous = 0
+    if previous < incarnation < MAX_INCARNATION:
+        _write_atomic(path, f"{incarnation}\n")
+
+
 OVERRIDES_FILE = "overrides.json"
 STATE_SETTING = "node.state_dir"
 _DAMAGED_FIX = "restore a good copy or remove it, then repeat the moves and drains with vipctl"

@@ -30,6 +30,8 @@ from vipd.membership.events import (
     BecameReady,
     ClockSkew,
     ConfigMismatch,
+    DuplicateGone,
+    DuplicateNode,
     Event,
     HolddownStarted,
     IncarnationWentBack,
@@ -116,6 +118,7 @@ class MembershipCore:
         incarnation: int,
         now: float,
         rng: random.Random,
+        nonce: bytes | None = None,
         counters: Counters | None = None,
         memo: Memo | None = None,
     ) -> None:
@@ -123,6 +126,14 @@ class MembershipCore:
         self.timing = config.timing
         self.name = config.node
         self.incarnation = incarnation
+        # Random per run (the daemon passes os.urandom): a verified datagram under our name
+        # with another nonce is a second instance of this node, not our own echo. The
+        # default, from the incarnation, only tells apart runs that started at different ms.
+        self.nonce = nonce if nonce is not None else incarnation.to_bytes(wire.NONCE_LEN)
+        # The other instance's (incarnation, nonce) and when we last heard it; while set we
+        # hold nothing (flag DUPLICATE) so that at most one of the two serves.
+        self._other: tuple[int, bytes] | None = None
+        self._other_heard: float | None = None
         self._key = key
         self._public_key = public_key
         self._rng = rng
@@ -202,11 +213,15 @@ class MembershipCore:
         try:
             env = wire.parse_envelope(data)
             sender = env.sender
+            if sender == self.name and env.cluster == self.config.cluster:
+                self._own_name(env, source, now=now, wall=wall)  # always raises
             peer = self._admit(env, wall)
             self._verify(env, peer.public_keys)
             hb = self._decode_body(env)
         except DecodeError as e:
-            if e.reason is not Reject.DUPLICATE:  # a copy of a genuine datagram costs nothing
+            # Neither a copy of a genuine datagram nor the other instance of this node may
+            # run a source dry: one would cost a genuine peer, the other hide the clone.
+            if e.reason not in (Reject.DUPLICATE, Reject.DUPLICATE_NODE):
                 self._admission.charge(source, now)
             self._reject(e.reason, source, sender, e.detail)
             return
@@ -220,6 +235,48 @@ class MembershipCore:
     def _reject(self, reason: Reject, source: str, sender: str | None, detail: str) -> None:
         self.counters.reject(reason)
         self._events.append(PacketRejected(reason.value, source, sender, detail))
+
+    def _own_name(self, env: wire.Envelope, source: str, *, now: float, wall: float) -> None:
+        """A datagram under our own name. Signed with our key, fresh, and with another
+        nonce, it comes from a second instance of this node (a cloned machine or config):
+        hold nothing while we hear it (DuplicateNode). Anything else is a spoof or our own
+        echo (OWN_NAME, charged). Raises DecodeError either way."""
+        if abs(env.send_time_ms / 1000.0 - wall) > self.timing.freshness_window:
+            raise DecodeError(Reject.OWN_NAME, "a stale datagram in this node's name")
+        try:
+            self._verify(env, (self._public_key,))
+            nonce = wire.decode_body(env).nonce
+        except DecodeError:
+            raise DecodeError(Reject.OWN_NAME, "a datagram claims to be from this node") from None
+        if not nonce or nonce == self.nonce:
+            raise DecodeError(Reject.OWN_NAME, "this node's own datagram, heard back")
+        other = (env.incarnation, nonce)
+        if other != self._other:
+            self.counters.inc("duplicate_nodes")
+            self._events.append(DuplicateNode(env.incarnation, nonce.hex(), source))
+        if self._other_heard is None:
+            self._pending_burst = max(self._pending_burst, 1)  # the flag changed
+        self._other, self._other_heard = other, now
+        self._update_view()
+        raise DecodeError(Reject.DUPLICATE_NODE, f"incarnation {env.incarnation} from {source}")
+
+    @property
+    def duplicate(self) -> bool:
+        """Whether another instance of this node was heard within dead_after."""
+        return self._other_heard is not None
+
+    def _duplicate_expired(self, now: float) -> None:
+        """The other instance went quiet: take part again, above its incarnation, because
+        our peers accepted its heartbeats last and would take ours for replays."""
+        if self._other_heard is None or now < self._other_heard + self.timing.dead_after:
+            return
+        assert self._other is not None
+        old = self.incarnation
+        if self._other[0] >= self.incarnation:
+            self.incarnation, self._seq = self._other[0] + 1, 0
+        self._other_heard = None
+        self._pending_burst = max(self._pending_burst, 1)
+        self._events.append(DuplicateGone(old, self.incarnation))
 
     def _admit(self, env: wire.Envelope, wall: float) -> Peer:
         """Cheap checks on an unverified envelope; returns the sender's peer record."""
@@ -346,6 +403,7 @@ class MembershipCore:
         if self.holddown_until is not None and now >= self.holddown_until:
             self.holddown_until = None
             self._pending_burst = max(self._pending_burst, 1)  # the flag changed
+        self._duplicate_expired(now)
         self._update_view()
 
     def leave(self) -> None:
@@ -488,6 +546,8 @@ class MembershipCore:
             due.append(self.started + self.timing.mature_after)
         if self.holddown_until is not None:
             due.append(self.holddown_until)
+        if self._other_heard is not None:
+            due.append(self._other_heard + self.timing.dead_after)
         due.extend(
             p.deadline
             for p in self.peers.values()
@@ -524,6 +584,8 @@ class MembershipCore:
         if self.leaving:
             return Flag.LEAVING | ephemeral
         flags = (Flag.READY if self.ready else Flag.JOINING) | ephemeral
+        if self.duplicate:
+            flags |= Flag.DUPLICATE
         if self.draining:
             flags |= Flag.DRAINING
         if self.holddown_until is not None:
@@ -640,6 +702,7 @@ class MembershipCore:
             stats=self.stats,
             overrides=table,
             pool_digest=self._pool_digest,
+            nonce=self.nonce,
         )
 
     def table_fits(self, table: Overrides) -> bool:
@@ -711,14 +774,16 @@ class MembershipCore:
         held_down: list[tuple[str, int, int]] = []
         drained: list[tuple[str, int, int]] = []
         drained_names = self.overrides.drained
-        if not self.leaving:
+        if not self.leaving and not self.duplicate:
             me = (self.name, self.incarnation, self.weight)
             if self.name in drained_names:
                 drained.append(me)
             else:
                 (held_down if self.holddown_until is not None else entries).append(me)
         for p in self.peers.values():
-            if p.state in MONITORED and p.config_ok:
+            # A member with a second instance running is never placed, not even as a last
+            # resort: of two machines under one name, neither may serve.
+            if p.state in MONITORED and p.config_ok and not p.flags & Flag.DUPLICATE:
                 entry = (p.name, p.incarnation, p.weight)
                 if p.name in drained_names:
                     drained.append(entry)
@@ -756,12 +821,13 @@ def _rolled_back(env: wire.Envelope, peer: Peer) -> bool:
     )
 
 
-def _view_entry(p: Peer) -> tuple[int, int, bool] | None:
+def _view_entry(p: Peer) -> tuple[int, int, bool, bool] | None:
     """What a peer contributes to the view (`MembershipCore._update_view`): None if it is
-    left out, else (incarnation, weight, in hold-down). (Drains come from the operator
-    table, whose adoption rebuilds the view by itself.)"""
+    left out, else (incarnation, weight, in hold-down, duplicated). (Drains come from the
+    operator table, whose adoption rebuilds the view by itself.)"""
     if p.state in MONITORED and p.config_ok:
-        return (p.incarnation, p.weight, bool(p.flags & Flag.HOLDDOWN))
+        flags = p.flags
+        return (p.incarnation, p.weight, bool(flags & Flag.HOLDDOWN), bool(flags & Flag.DUPLICATE))
     return None
 
 

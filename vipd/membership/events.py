@@ -16,6 +16,25 @@ class MemberJoined:
 
 
 @dataclass(frozen=True)
+class DuplicateNode:
+    """Another instance is running under this node's name and key (a cloned machine, a
+    second copy of the config): this node holds nothing while it hears it."""
+
+    incarnation: int
+    nonce: str
+    source: str
+
+
+@dataclass(frozen=True)
+class DuplicateGone:
+    """The other instance has been silent for dead_after: this node takes part again, under
+    a new incarnation above both, so its peers follow it and not the other's last word."""
+
+    old_incarnation: int
+    new_incarnation: int
+
+
+@dataclass(frozen=True)
 class IncarnationWentBack:
     """A member we had lost came back with a lower incarnation. It runs without
     `node.state_dir`, and its clock went back between two starts."""
@@ -162,6 +181,8 @@ Event = (
     MemberJoined
     | MemberRestarted
     | IncarnationWentBack
+    | DuplicateNode
+    | DuplicateGone
     | MemberStateChanged
     | MemberLost
     | ViewChanged

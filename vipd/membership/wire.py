@@ -54,6 +54,7 @@ DOMAIN = b"vipd-heartbeat-v1\0"  # domain separation: these signatures sign noth
 MAX_NAME = 63
 MAX_GROUPS = 4096
 MAX_RELEASED = 64
+NONCE_LEN = 8
 DIGEST_LEN = 8
 
 _HEADER = struct.Struct("!4sBBHQQQ4sBBH")
@@ -73,10 +74,17 @@ class Flag(enum.IntFlag):
     HOLDDOWN = 16  # flapped recently: member, but placed only if nobody else can be
     # No state_dir: the incarnation is the start time in ms and goes back with the clock.
     EPHEMERAL = 32
+    DUPLICATE = 64  # another instance runs under this name and key: holds nothing
 
 
 _KNOWN_FLAGS = int(
-    Flag.JOINING | Flag.READY | Flag.DRAINING | Flag.LEAVING | Flag.HOLDDOWN | Flag.EPHEMERAL
+    Flag.JOINING
+    | Flag.READY
+    | Flag.DRAINING
+    | Flag.LEAVING
+    | Flag.HOLDDOWN
+    | Flag.EPHEMERAL
+    | Flag.DUPLICATE
 )
 
 
@@ -93,6 +101,7 @@ class TLV(enum.IntEnum):
     RELEASED = 6
     POOL_DIGEST = 7
     SIGNED_OVERRIDES = 8  # the operator table with its issuer's signature
+    NONCE = 9  # 8 random bytes per run: tells two instances of one node apart
 
 
 class Reject(enum.StrEnum):
@@ -117,6 +126,7 @@ class Reject(enum.StrEnum):
     SOURCE_NOT_ALLOWED = "source_not_allowed"  # outside cluster.accept_from (never parsed)
     RATE_LIMITED = "rate_limited"  # its source ran out of rejection budget (never parsed)
     DUPLICATE = "duplicate"  # a second copy of a datagram just accepted (not charged)
+    DUPLICATE_NODE = "duplicate_node"  # from another instance of this node (not charged)
 
 
 class DecodeError(Exception):
@@ -174,6 +184,7 @@ class Heartbeat:
     stats: Stats | None = None
     overrides: Overrides = field(default_factory=Overrides)
     released: frozenset[int] = frozenset()  # group indices released lately (< group_count)
+    nonce: bytes = b""  # NONCE_LEN random bytes per run, or empty (an older sender)
     pool_digest: bytes | None = None  # None: the sender did not say (unknown pool)
 
 
@@ -247,6 +258,10 @@ def encode(hb: Heartbeat, key: Ed25519PrivateKey, public_key: bytes) -> bytes:
             raise ValueError(str(e)) from None
     if hb.pool_digest is not None:
         body += _tlv(TLV.POOL_DIGEST, hb.pool_digest)
+    if hb.nonce:
+        if len(hb.nonce) != NONCE_LEN:
+            raise ValueError(f"nonce of {len(hb.nonce)} bytes, not {NONCE_LEN}")
+        body += _tlv(TLV.NONCE, hb.nonce)
     cluster = _name(hb.cluster, "cluster")
     sender = _name(hb.sender, "sender")
     header = _HEADER.pack(
@@ -365,6 +380,7 @@ def decode_body(env: Envelope) -> Heartbeat:
     config = fixed(TLV.CONFIG_DIGEST, DIGEST_LEN)
     stats_raw = fixed(TLV.STATS, _STATS.size)
     pool = fixed(TLV.POOL_DIGEST, DIGEST_LEN)
+    nonce = fixed(TLV.NONCE, NONCE_LEN)
     group_count, held = _parse_held(fields.get(TLV.HELD))
     overrides = _parse_overrides(fields.get(TLV.SIGNED_OVERRIDES))
     released = _parse_released(fields.get(TLV.RELEASED), group_count)
@@ -385,6 +401,7 @@ def decode_body(env: Envelope) -> Heartbeat:
         overrides=overrides,
         released=released,
         pool_digest=pool,
+        nonce=nonce or b"",
     )
 
 

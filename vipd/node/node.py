@@ -49,6 +49,7 @@ from vipd.node.orders import (
     OpenTransport,
     Order,
     RunHook,
+    SaveIncarnation,
     SaveOverrides,
     SendDatagram,
     SetTimer,
@@ -89,6 +90,7 @@ class Node:
         incarnation: int,
         now: float,
         rng: random.Random,
+        nonce: bytes | None = None,
         memo: Memo | None = None,
     ) -> None:
         self.config = config
@@ -102,6 +104,7 @@ class Node:
             incarnation=incarnation,
             now=now,
             rng=rng,
+            nonce=nonce,
             counters=self.counters,
             memo=memo,
         )
@@ -640,6 +643,16 @@ class Node:
                 level = "warning"
             elif isinstance(event, ev.IncarnationWentBack):
                 level, extra = "warning", {"fix": f"set node.state_dir on {event.name}"}
+            elif isinstance(event, ev.DuplicateNode):
+                level = "error"
+                extra = {
+                    "detail": f"another instance runs as {self.core.name} with this key:"
+                    " this one holds nothing while it hears it",
+                    "fix": "stop one, or give it its own name and key",
+                }
+            elif isinstance(event, ev.DuplicateGone):
+                level = "warning"
+                self._out.append(SaveIncarnation(event.new_incarnation))
             elif isinstance(event, ev.MemberStateChanged):
                 level = "debug"
             self._out.append(Log(level, name, {"view": view, **extra, **fields}, source=event))

@@ -135,6 +135,14 @@ class SaveOverrides:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveIncarnation:
+    """This run took a new incarnation (above a second instance's): record it in
+    `state_dir`, so that the next start is above it too."""
+
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
 class Notify:
     """A systemd notification (READY=1, STOPPING=1, WATCHDOG=1...)."""
 
@@ -172,6 +180,7 @@ Order = (
     | OpenTransport
     | SetTimer
     | SaveOverrides
+    | SaveIncarnation
     | Notify
     | Log
     | Exit
