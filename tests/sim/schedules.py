@@ -204,6 +204,40 @@ def make_schedule(seed: int) -> Schedule:
     return sched
 
 
+def make_identity_schedule(seed: int) -> Schedule:
+    """`make_schedule(seed)`, then, once its faults are over and the cluster is stable, a
+    second machine running a member's config and key (a cloned VM): it starts, runs for a
+    while, and goes. Drawn from a stream of its own, so the plain seeds keep their schedules.
+    At most one instance may serve while both run (issue 11 item 6)."""
+    sched = make_schedule(seed)
+    rng = Random(f"identity {seed}")
+    unit = sched.spec.timing.dead_after / PROFILES["lan"].dead_after
+    name = rng.choice(list(sched.spec.names))
+    clone = f"{name}-clone"
+    start = sched.quiet_from + stable_after(sched.spec.timing) + rng.uniform(0.0, 2.0) * unit
+    gone = start + rng.uniform(0.3, 8.0) * unit
+    sched.actions += [
+        Action(round(start, 4), f"{clone} starts with {name}'s config", _call(_clone, name, clone)),
+        Action(round(gone, 4), f"machine down {clone}", _call(_clone_gone, clone)),
+    ]
+    sched.quiet_from = gone + 0.1 * unit
+    return sched
+
+
+def _clone(sim: Sim, name: str, clone: str) -> None:
+    proc = sim.nodes[name].proc
+    if proc is None or not proc.open:
+        sim.log("SCHED", f"{name} is not running: no clone")
+        return
+    sim.add_clone(name, clone)
+    sim.start(clone)
+
+
+def _clone_gone(sim: Sim, clone: str) -> None:
+    if clone in sim.nodes:
+        sim.machine_down(clone)
+
+
 def _play(sim: Sim, action: Action) -> None:
     sim.log("SCHED", action.text)
     action.run(sim)
@@ -297,12 +331,19 @@ def run_schedule(
     )
 
 
-def run_seed(seed: int, *, write_trace: bool | None = None, memo: Memo | None = None) -> SeedResult:
-    return run_schedule(make_schedule(seed), write_trace=write_trace, memo=memo)
+def run_seed(
+    seed: int,
+    *,
+    write_trace: bool | None = None,
+    memo: Memo | None = None,
+    identity: bool = False,
+) -> SeedResult:
+    make = make_identity_schedule if identity else make_schedule
+    return run_schedule(make(seed), write_trace=write_trace, memo=memo)
 
 
 def run_seeds(
-    seeds: list[int], *, memo: bool = False
+    seeds: list[int], *, memo: bool = False, identity: bool = False
 ) -> list[tuple[int, list[str], str | None, float, float]]:
     """Worker entry point (picklable results): (seed, violations, trace path, virtual s, s).
 
@@ -311,7 +352,7 @@ def run_seeds(
     per seed, as the shipped code allows; nothing is patched."""
     out = []
     for seed in seeds:
-        r = run_seed(seed, memo=Memo() if memo else None)
+        r = run_seed(seed, memo=Memo() if memo else None, identity=identity)
         out.append(
             (
                 seed,
