@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vipd: {e}", file=sys.stderr)
         return 2
     if args.check:
-        try:  # what the config file alone cannot tell: does the system have the group?
+        try:  # what the config file alone cannot tell: the group exists and we are in it
             if config.control_group is not None:
                 resolve_group(config.control_group)
         except VipdError as e:

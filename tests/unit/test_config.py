@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import grp
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +299,44 @@ def test_names_and_paths_are_checked_whole(path: str, value: Any, key: str) -> N
     """Issue 11 item 14: "web1\\n" passed the name check (a `$` matches before a final
     newline) and `state_dir = 5` was a TypeError traceback."""
     assert error_for(mutate(path, value)).key == key
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_check_refuses_a_control_group_the_daemon_user_cannot_give_the_socket_to() -> None:
+    """Issue 11 item 8: under User=vipd, chown of the socket to a group vipd is not in is
+    EPERM; it was a traceback at start. `vipd --check` (the unit's ExecStartPre, run as the
+    same user) now names the group and the fix, and a group the user is in passes."""
+    nobody = pwd.getpwnam("nobody")
+    with tempfile.TemporaryDirectory(prefix="vipd-check-") as d:
+        root = Path(d)
+        os.chmod(root, 0o755)
+        key = root / "n1.key"
+        generate_key_file(key)
+        line = public_key_line(load_private_key(key, "x"))
+        os.chown(key, nobody.pw_uid, nobody.pw_gid)  # the daemon's user owns its key
+
+        def check(group: str) -> subprocess.CompletedProcess[str]:
+            cfg = root / "vipd.toml"
+            cfg.write_text(
+                f'[node]\nname = "n1"\nprivate_key_file = "{key}"\n'
+                '[cluster]\nname = "web"\ninterface = "lo"\n'
+                f'[control]\nsocket = "{root}/s"\ngroup = "{group}"\n'
+                f'[[roster]]\nname = "n1"\npublic_keys = ["{line}"]\n'
+            )
+            as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}"]
+            argv = [*as_nobody, "--clear-groups", sys.executable, "-m", "vipd"]
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+            argv += ["--config", str(cfg), "--check"]
+            return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root)
+
+        refused = check("root")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "control.group: this user" in refused.stderr and "SupplementaryGroups=root" in (
+            refused.stderr
+        )
+        own = grp.getgrgid(nobody.pw_gid).gr_name
+        passed = check(own)
+        assert passed.returncode == 0, passed.stdout + passed.stderr
 
 
 def test_check_refuses_a_control_group_that_does_not_exist(tmp_path: Path) -> None:

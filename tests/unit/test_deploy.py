@@ -42,3 +42,6 @@ def test_systemd_unit_runs_unprivileged_with_two_capabilities() -> None:
     assert service["NoNewPrivileges"] == "yes"
     assert "--config /etc/vipd/vipd.toml" in service["ExecStart"]
     assert service["KillSignal"] == "SIGTERM"  # graceful leave with make-before-break
+    # Issue 11 item 8: admins in control.group but not in the daemon's group must be able to
+    # reach the socket; its own mode (0660) is what guards it, not the directory.
+    assert int(service["RuntimeDirectoryMode"], 8) & 0o005 == 0o005

@@ -97,7 +97,8 @@ class ControlServer:
                     None,
                     "control.group",
                     f"cannot give {self.path} to group {self.group!r} ({e.strerror or e})",
-                    "run vipd as root (or with CAP_CHOWN), or remove control.group",
+                    f"add vipd's user to group {self.group!r} (SupplementaryGroups= in the"
+                    " unit), or remove control.group",
                 ) from None
 
     async def close(self) -> None:
@@ -178,9 +179,11 @@ def _cmd_of(line: bytes) -> str:
 
 
 def resolve_group(name: str) -> int:
-    """The gid of `control.group`; a ControlError if the group does not exist."""
+    """The gid of `control.group`, if this process may give the socket to it: the group
+    exists, and we are root or a member (chown to any other group is EPERM). Else a
+    ControlError with the fix."""
     try:
-        return grp.getgrnam(name).gr_gid
+        gid = grp.getgrnam(name).gr_gid
     except KeyError:
         raise ControlError(
             None,
@@ -188,6 +191,16 @@ def resolve_group(name: str) -> int:
             f"group {name!r} does not exist",
             f"create it (groupadd {name}) or remove control.group",
         ) from None
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ControlError(
+            None,
+            "control.group",
+            f"this user (uid {os.geteuid()}) is not in group {name!r}, so it cannot give"
+            " the control socket to it",
+            f"add it to the group (usermod -aG {name} USER, or SupplementaryGroups={name} in"
+            " the systemd unit), or remove control.group",
+        )
+    return gid
 
 
 async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
