@@ -32,7 +32,14 @@ from vipd.host.keys import load_node_key, public_key_bytes
 from vipd.host.log import configure_logging
 from vipd.host.metrics import StatusCollector, serve
 from vipd.host.ratelimit import RateLimitedLog
-from vipd.host.state import load_overrides, next_incarnation, record_incarnation, save_overrides
+from vipd.host.state import (
+    load_overrides,
+    load_seen,
+    next_incarnation,
+    record_incarnation,
+    save_overrides,
+    save_seen,
+)
 from vipd.host.stats import StatsCollector
 from vipd.host.supervise import Supervisor
 from vipd.kernel.address_events import AddressChange, AddressWatcher, Resync
@@ -96,6 +103,8 @@ class Daemon:
         self._kernel: asyncio.Task[None] | None = None  # the one netlink job in flight
         self._saving: asyncio.Task[None] | None = None
         self._unsaved: Overrides | None = None
+        self._saving_seen: asyncio.Task[None] | None = None
+        self._unsaved_seen: dict[str, tuple[int, int]] | None = None
         self._limited = RateLimitedLog(log, interval=10.0)
         self._reconcile_now = asyncio.Event()
         self._exit = asyncio.Event()
@@ -113,6 +122,7 @@ class Daemon:
             now=loop.time(),
             rng=self.rng,
             nonce=os.urandom(wire.NONCE_LEN),
+            seen=load_seen(cfg.state_dir),
         )
         self._supervisor = Supervisor(loop, self._limited, self.node.task_failed)
         frames.preload()
@@ -173,9 +183,10 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for handle in self._timers.values():
             handle.cancel()
-        if self._saving is not None:  # the last table adopted reaches the disk, if it can
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._saving), SAVE_GRACE)
+        for saving in (self._saving, self._saving_seen):  # the last word reaches the disk
+            if saving is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(saving), SAVE_GRACE)
         if self.transport is not None:
             self.transport.close()
         await self.control.close()
@@ -223,6 +234,10 @@ class Daemon:
                     self._save(table)
                 case o.SaveIncarnation(incarnation) if self.config.state_dir is not None:
                     self._supervisor.spawn(self._save_incarnation(incarnation), "incarnation")
+                case o.SaveSeen(seen) if self.config.state_dir is not None:
+                    self._unsaved_seen = {name: (inc, sent) for name, inc, sent in seen}
+                    if self._saving_seen is None or self._saving_seen.done():
+                        self._saving_seen = self._supervisor.spawn(self._save_seen(), "seen")
                 case o.Notify(text):
                     systemd.notify(text)
                 case o.Exit():
@@ -243,6 +258,16 @@ class Daemon:
                 await asyncio.to_thread(save_overrides, self.config.state_dir, table)
             except StateError as e:  # the table lives on in memory and in heartbeats
                 self._limited.error("overrides_not_saved", key="save", error=str(e))
+
+    async def _save_seen(self) -> None:
+        """One writer, off the loop; only the newest record still waiting is written."""
+        assert self.config.state_dir is not None
+        while self._unsaved_seen is not None:
+            seen, self._unsaved_seen = self._unsaved_seen, None
+            try:
+                await asyncio.to_thread(save_seen, self.config.state_dir, seen)
+            except StateError as e:  # a restart then trusts captures for a while: say so
+                self._limited.error("peers_seen_not_saved", key="seen", error=str(e))
 
     async def _save_incarnation(self, incarnation: int) -> None:
         assert self.config.state_dir is not None

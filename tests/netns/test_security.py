@@ -14,6 +14,7 @@ packet from one of its own addresses), so X never counts it; the other nodes do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -80,16 +81,24 @@ def injector(lab: Lab) -> Iterator[Injector]:
     inj.close()
 
 
-def capture(lab: Lab, senders: set[str], timeout: float = 5.0) -> dict[str, bytes]:
-    """One genuine heartbeat per sender, read in the client namespace (a listener on the
-    segment joined to the group)."""
+@contextlib.contextmanager
+def group_listener(lab: Lab, *, timeout: float) -> Iterator[socket.socket]:
+    """A socket in the client namespace joined to the heartbeat group (what an on-link
+    attacker hears)."""
     sock = lab.socket("client", socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((MULTICAST_GROUP, MULTICAST_PORT))
         mreq = struct.pack("4s4s", socket.inet_aton(MULTICAST_GROUP), socket.inet_aton(CLIENT_IP4))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-        sock.settimeout(0.5)
+        sock.settimeout(timeout)
+        yield sock
+
+
+def capture(lab: Lab, senders: set[str], timeout: float = 5.0) -> dict[str, bytes]:
+    """One genuine heartbeat per sender, read in the client namespace (a listener on the
+    segment joined to the group)."""
+    with group_listener(lab, timeout=0.5) as sock:
         found: dict[str, bytes] = {}
         deadline = time.monotonic() + timeout
         while set(found) != senders and time.monotonic() < deadline:
@@ -99,6 +108,22 @@ def capture(lab: Lab, senders: set[str], timeout: float = 5.0) -> dict[str, byte
                 continue
             found.setdefault(wire.parse_envelope(data).sender, data)
     assert set(found) == senders, f"captured heartbeats only from {sorted(found)}"
+    return found
+
+
+def capture_stream(lab: Lab, sender: str, seconds: float) -> list[bytes]:
+    """Every heartbeat `sender` multicast during `seconds`, in order (an attacker's capture)."""
+    with group_listener(lab, timeout=0.2) as sock:
+        found: list[bytes] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                continue
+            if wire.parse_envelope(data).sender == sender:
+                found.append(data)
+    assert len(found) > 10, f"captured only {len(found)} heartbeats of {sender}"
     return found
 
 
@@ -329,3 +354,30 @@ def test_key_rotation_on_a_running_cluster_moves_nothing_and_loses_no_probe(
     reply = request(cluster.socket_path("n1"), {"cmd": "reload"})
     assert not reply["ok"] and "timing" in reply["error"], reply
     assert cluster.single_owners() == owners
+
+
+def test_a_restarted_receiver_refuses_captures_of_a_crashed_peer(
+    lab: Lab, injector: Injector, request: pytest.FixtureRequest
+) -> None:
+    """Issue 11 item 7: a receiver that had just restarted knew no peer's last sequence, so
+    an on-link attacker replaying a capture (still within freshness_window) kept a crashed
+    peer "alive" in its view. Each run now records in state_dir what every peer last sent
+    it, and the next run refuses anything not newer."""
+    with running(LabCluster(lab), request) as cluster:
+        cluster.wait_converged()
+        stream = capture_stream(lab, "n2", seconds=3.0)  # n2's heartbeats, in order
+        interval = load_config(cluster.config_path("n1")).timing.reconcile_interval
+        time.sleep(interval + 1.0)  # n1 records what n2 sent after the capture
+        cluster.stop("n2", sig=signal.SIGKILL)  # the peer crashes
+        cluster.restart("n1")  # and the receiver restarts (a deploy, a reboot)
+        base = cluster.status("n1")["counters"]["rejected"]["replay"]
+        frames = [udp_frame(lab, lab.node_ip("n2"), data) for data in stream]
+        pace = 3.0 / len(frames)
+        for frame in frames:  # replayed at the pace n2 sent them: "alive" throughout
+            injector.send([frame])
+            time.sleep(pace)
+        status = cluster.status("n1")
+        n2 = next(m for m in status["members"] if m["name"] == "n2")
+        assert n2["state"] not in ("alive", "joining"), n2
+        assert status["counters"]["rejected"]["replay"] > base
+        assert "n2" not in status["view"]["members"], status["view"]

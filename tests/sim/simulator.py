@@ -522,7 +522,8 @@ class Sim:
             elif isinstance(order, SaveIncarnation):
                 proc.node.last_incarnation = max(proc.node.last_incarnation, order.incarnation)
             # OpenTransport, WatchConflicts (the one client hears every frame), RunHook,
-            # SaveOverrides, Notify: nothing to model.
+            # SaveOverrides, SaveSeen (receivers restart in the sim knowing nothing), Notify:
+            # nothing to model.
 
     def _trace_log(self, proc: Proc, order: Log) -> None:
         f = order.fields

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from random import Random
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -271,6 +272,40 @@ def test_a_datagram_in_our_name_with_another_key_is_a_charged_spoof_not_a_clone(
         core.receive(data, "198.51.100.66", now=0.0, wall=WALL0)
     assert core.rejected["own_name"] == 1 and core.rejected["duplicate_node"] == 0
     assert not core.duplicate
+
+
+def test_a_restarted_receiver_refuses_captures_of_what_it_took_before() -> None:
+    """Issue 11 item 7: peer records started at (0, 0), so a receiver that had just
+    restarted accepted a capture up to freshness_window old, and an on-link attacker kept a
+    crashed peer "alive" in its view. A run now starts from what the last one took from each
+    peer (`seen`, kept in state_dir by the node): a capture is refused, a fresh heartbeat of
+    the same run is taken."""
+    nodes = make_cluster(2)
+    n1, n2 = nodes["n1"], nodes["n2"]
+    sender = n2.core(incarnation=40)
+    receiver = n1.core()
+    captured = sender.datagrams_to_send(now=0.0, wall=WALL0)[0]
+    receiver.receive(captured, "n2", now=0.0, wall=WALL0)
+    later = sender.datagrams_to_send(now=1.0, wall=WALL0 + 1.0)[0]  # the capture is older
+    receiver.receive(later, "n2", now=1.0, wall=WALL0 + 1.0)
+    seen = receiver.seen()
+    assert seen == {"n2": (40, int((WALL0 + 1.0) * 1000))}
+
+    def restarted(known: dict[str, tuple[int, int]] | None) -> MembershipCore:
+        return MembershipCore(
+            n1.config, n1.key, n1.public_key, incarnation=2, now=5.0, rng=Random(0), seen=known
+        )
+
+    blind = restarted(None)
+    blind.receive(captured, "n2", now=5.0, wall=WALL0 + 5.0)
+    assert blind.counters["rx_accepted"] == 1  # what it did before: the capture counts
+    after = restarted(seen)
+    for data in (captured, later):
+        after.receive(data, "n2", now=5.0, wall=WALL0 + 5.0)
+    assert after.rejected["replay"] == 2 and after.peers["n2"].state is MemberState.UNKNOWN
+    fresh = sender.datagrams_to_send(now=6.0, wall=WALL0 + 6.0)[0]
+    after.receive(fresh, "n2", now=6.0, wall=WALL0 + 6.0)
+    assert after.counters["rx_accepted"] == 1 and after.seen()["n2"][0] == 40
 
 
 def test_heartbeats_carry_what_a_node_holds() -> None:

@@ -13,7 +13,13 @@ import pytest
 from vipd.config import ConfigError as ConfigFromConfig
 from vipd.errors import ConfigError, ControlError, StateError, TransportError, VipdError
 from vipd.host.control import ControlServer
-from vipd.host.state import load_overrides, next_incarnation, save_overrides
+from vipd.host.state import (
+    load_overrides,
+    load_seen,
+    next_incarnation,
+    save_overrides,
+    save_seen,
+)
 from vipd.kernel.transport import TransportError as TransportFromTransport
 from vipd.placement.overrides import Overrides, OverridesError
 
@@ -143,3 +149,17 @@ def test_an_incarnation_file_at_the_top_of_the_range_is_not_a_crash_loop(tmp_pat
     u64 at the first heartbeat, on every restart."""
     (tmp_path / "incarnation").write_text(f"{2**64 - 1}\n")
     assert next_incarnation(tmp_path, 2.0) == 2000
+
+
+def test_what_peers_sent_survives_a_restart_and_a_damaged_record_only_loses_it(
+    tmp_path: Path,
+) -> None:
+    """The record behind the restarted receiver's replay check (issue 11 item 7): written
+    atomically, read back the same; a damaged or foreign file never stops the start."""
+    seen = {"n2": (1_796_000_000_000, 1_796_000_123_456), "n3": (7, 9)}
+    save_seen(tmp_path, seen)
+    assert load_seen(tmp_path) == seen
+    assert load_seen(None) == {}
+    for damaged in ("{", '["n2"]', '{"n2": [1]}', '{"n2": ["x", 2]}', '{"n2": [-1, 2]}', "\xff"):
+        (tmp_path / "peers-seen.json").write_text(damaged)
+        assert load_seen(tmp_path) == {}, damaged

@@ -1,5 +1,6 @@
-"""Persistent node state: the incarnation number, which must rise on every restart, and the
-operator table (moves and drains, `vipd.placement.overrides`), which must survive one.
+"""Persistent node state: the incarnation number, which must rise on every restart, the
+operator table (moves and drains, `vipd.placement.overrides`), which must survive one, and
+what each peer last sent us, which the next run's replay check starts from.
 
 Without a state directory the incarnation is the start time in milliseconds, which rises as
 long as the clock does not step back across a restart. With one, it is also at least one more
@@ -8,7 +9,9 @@ than the last persisted value, so a clock stepped back cannot make old heartbeat
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from vipd.errors import StateError
@@ -88,6 +91,32 @@ def load_overrides(state_dir: Path | None) -> Overrides | None:
 def save_overrides(state_dir: Path, table: Overrides) -> None:
     """Atomically replace the persisted table (write, fsync, rename). Raises StateError."""
     _write_atomic(state_dir / OVERRIDES_FILE, table.to_json() + "\n")
+
+
+SEEN_FILE = "peers-seen.json"
+
+
+def load_seen(state_dir: Path | None) -> dict[str, tuple[int, int]]:
+    """The newest (incarnation, send time in ms) heard from each peer by an earlier run
+    (`save_seen`): what a capture must be newer than. Missing or damaged: empty, because a
+    damaged file must not keep the node from starting (it loses only this protection)."""
+    if state_dir is None:
+        return {}
+    try:
+        raw = json.loads((state_dir / SEEN_FILE).read_text(encoding="utf-8"))
+        return {
+            str(name): (int(inc), int(sent))
+            for name, (inc, sent) in raw.items()
+            if 0 <= int(inc) < 2**64 and 0 <= int(sent) < 2**64
+        }
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def save_seen(state_dir: Path, seen: Mapping[str, tuple[int, int]]) -> None:
+    """Atomically replace the record of what each peer last sent us. Raises StateError."""
+    text = json.dumps({name: list(v) for name, v in sorted(seen.items())})
+    _write_atomic(state_dir / SEEN_FILE, text + "\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -90,6 +90,7 @@ class Peer:
     stats: Stats | None = None
     skew: float = 0.0
     skew_warned: bool = False
+    sent_ms: int = 0  # send time of the newest datagram taken from it
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class MembershipCore:
         now: float,
         rng: random.Random,
         nonce: bytes | None = None,
+        seen: Mapping[str, tuple[int, int]] | None = None,
         counters: Counters | None = None,
         memo: Memo | None = None,
     ) -> None:
@@ -134,6 +136,10 @@ class MembershipCore:
         # hold nothing (flag DUPLICATE) so that at most one of the two serves.
         self._other: tuple[int, bytes] | None = None
         self._other_heard: float | None = None
+        # (incarnation, send time in ms) of the newest datagram an earlier run of ours took
+        # from each peer (state_dir): until we hear a peer anew, anything not after that is a
+        # replay, so a restarted receiver is not fooled by captures (see `seen`).
+        self._seen_before: dict[str, tuple[int, int]] = dict(seen or {})
         self._key = key
         self._public_key = public_key
         self._rng = rng
@@ -226,6 +232,7 @@ class MembershipCore:
             self._reject(e.reason, source, sender, e.detail)
             return
         self.counters.inc("rx_accepted")
+        self._seen_before.pop(peer.name, None)
         recent = self._recent.setdefault(peer.name, {})
         recent[env.signature] = False
         if len(recent) > RECENT:
@@ -259,6 +266,16 @@ class MembershipCore:
         self._other, self._other_heard = other, now
         self._update_view()
         raise DecodeError(Reject.DUPLICATE_NODE, f"incarnation {env.incarnation} from {source}")
+
+    def seen(self) -> dict[str, tuple[int, int]]:
+        """Per peer, (incarnation, send time in ms) of the newest datagram taken from it,
+        by this run or (not heard since) an earlier one: for `state_dir`, so that the
+        next run refuses captures of these (the `seen` argument)."""
+        out = dict(self._seen_before)
+        for p in self.peers.values():
+            if p.incarnation:
+                out[p.name] = (p.incarnation, p.sent_ms)
+        return out
 
     @property
     def duplicate(self) -> bool:
@@ -301,6 +318,15 @@ class MembershipCore:
                 Reject.REPLAY,
                 f"({env.incarnation}, {env.seq}) not after ({peer.incarnation}, {peer.seq})",
             )
+        before = self._seen_before.get(env.sender)
+        if before is not None and (env.incarnation, env.send_time_ms) <= before:
+            rolled_back = env.flags & Flag.EPHEMERAL and env.incarnation < before[0]
+            if not rolled_back:  # (see _rolled_back: such a peer's incarnation may go back)
+                raise DecodeError(
+                    Reject.REPLAY,
+                    f"({env.incarnation}, sent {env.send_time_ms} ms) not after"
+                    f" {before} taken before this node restarted",
+                )
         skew = env.send_time_ms / 1000.0 - wall
         if abs(skew) > self.timing.freshness_window:
             raise DecodeError(Reject.STALE, f"send time {skew:+.1f} s from ours")
@@ -321,6 +347,7 @@ class MembershipCore:
                 # or a partition; either way we were out of the cluster.
                 self._disrupted("rejoined after losing every peer", now)
         peer.incarnation, peer.seq = hb.incarnation, hb.seq
+        peer.sent_ms = hb.send_time_ms
         peer.last_heard = now
         peer.deadline = now + self.timing.dead_after
         peer.flags = hb.flags

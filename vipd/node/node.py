@@ -51,6 +51,7 @@ from vipd.node.orders import (
     RunHook,
     SaveIncarnation,
     SaveOverrides,
+    SaveSeen,
     SendDatagram,
     SetTimer,
     Timer,
@@ -91,6 +92,7 @@ class Node:
         now: float,
         rng: random.Random,
         nonce: bytes | None = None,
+        seen: Mapping[str, tuple[int, int]] | None = None,
         memo: Memo | None = None,
     ) -> None:
         self.config = config
@@ -105,6 +107,7 @@ class Node:
             now=now,
             rng=rng,
             nonce=nonce,
+            seen=seen,
             counters=self.counters,
             memo=memo,
         )
@@ -116,6 +119,9 @@ class Node:
         self.hold_reason = ""
         # Groups a reload removed or changed whose old addresses may still be in the kernel.
         self._retired: list[PoolGroup] = []
+        # What the last SaveSeen recorded, and when (at most once per reconcile_interval).
+        self._seen_saved: tuple[tuple[str, int, int], ...] = ()
+        self._seen_saved_at: float | None = None
         self._index_pool()
         self.opened = False  # transport open: start-up cleanup is over
         self.exiting = False
@@ -330,6 +336,7 @@ class Node:
         self._enter(now, wall)
         if not self.opened or self.exiting or self._listing:
             return []
+        self._save_seen(force=False)
         if self._applying:
             self._listing_wanted = True
         else:
@@ -690,7 +697,21 @@ class Node:
         self.target = frozenset()
         self._apply(_After.EXIT)
 
+    def _save_seen(self, *, force: bool) -> None:
+        """What each peer last sent us, for the next run's replay check; on the reconcile
+        timer (the window a capture can slip through after a crash) and at the exit."""
+        due = self._seen_saved_at is None or (
+            self._now >= self._seen_saved_at + self.config.timing.reconcile_interval
+        )
+        if not (force or due):
+            return
+        seen = tuple(sorted((name, inc, sent) for name, (inc, sent) in self.core.seen().items()))
+        if seen != self._seen_saved:
+            self._seen_saved, self._seen_saved_at = seen, self._now
+            self._out.append(SaveSeen(seen))
+
     def _exited(self) -> None:
+        self._save_seen(force=True)
         self._flush()  # the last (LEAVING) heartbeats
         self.opened = False
         self.exited = True

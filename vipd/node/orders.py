@@ -143,6 +143,14 @@ class SaveIncarnation:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveSeen:
+    """Record in `state_dir` what each peer last sent us (`MembershipCore.seen`), so that a
+    restart of this node still refuses captures of it."""
+
+    seen: tuple[tuple[str, int, int], ...]  # (peer, incarnation, send time in ms)
+
+
+@dataclass(frozen=True, slots=True)
 class Notify:
     """A systemd notification (READY=1, STOPPING=1, WATCHDOG=1...)."""
 
@@ -181,6 +189,7 @@ Order = (
     | SetTimer
     | SaveOverrides
     | SaveIncarnation
+    | SaveSeen
     | Notify
     | Log
     | Exit
