@@ -106,6 +106,8 @@ def test_snapshot_becomes_metrics() -> None:
         "vipd_notify_dropped_total 0.0",
         "vipd_task_failures_total 1.0",
         "vipd_overrides_refused_total 0.0",
+        "vipd_duplicate_nodes_total 0.0",
+        "vipd_duplicate 0.0",
         'vipd_member_last_heard_seconds{member="n2"} 0.05',
         'vipd_member_up{member="n4"} 0.0',
     ):

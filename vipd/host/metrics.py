@@ -41,6 +41,10 @@ COUNTERS = {
         "vipd_overrides_refused",
         "Operator tables refused: issuer not in the roster, bad signature, version jump.",
     ),
+    "duplicate_nodes": (
+        "vipd_duplicate_nodes",
+        "Other instances seen running under this node's name and key (a cloned machine).",
+    ),
 }
 
 
@@ -77,6 +81,11 @@ class StatusCollector(Collector):
             ("vipd_leaving", "1 during a graceful stop.", s.leaving),
             ("vipd_config_passive", "1 if another config digest wins.", s.passive),
             ("vipd_holddown", "1 while held out of placement.", s.holddown),
+            (
+                "vipd_duplicate",
+                "1 while another instance of this node is heard (this one holds nothing).",
+                "duplicate" in s.members[0].flags if s.members else False,  # [0]: this node
+            ),
             ("vipd_view_members", "Members in this node's placement view.", len(s.view.members)),
             ("vipd_incarnation", "This daemon's incarnation.", s.incarnation),
         ):
