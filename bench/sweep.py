@@ -1,7 +1,8 @@
 """The simulator's random sweep at full size, with a table.
 
 Run: ``python bench/sweep.py`` (options: ``--seeds 5000``, ``--base 0``, ``--workers N``,
-``--identity`` to add a cloned machine to every schedule, as the CI's identity sweep does).
+``--identity`` to add a cloned machine and a member forging operator tables to every
+schedule, as the CI's identity sweep does).
 Prints one table and exits 1 if any seed found an unexplained violation (0 otherwise).
 
 CI runs the same schedules (`tests/sim/test_random.py`) with fewer seeds, so that the whole
@@ -33,11 +34,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--base", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
-        "--identity", action="store_true", help="each schedule then gets a cloned machine"
+        "--identity",
+        action="store_true",
+        help="each schedule then gets a cloned machine and a member forging tables",
     )
     args = parser.parse_args(argv)
     os.environ["VIPD_SIM_WORKERS"] = str(args.workers)
     seeds = list(range(args.base, args.base + args.seeds))
+    print(f"{len(seeds)} seeds on {args.workers} workers (about 1 s each)...", flush=True)
     started = time.monotonic()
     results = _run_parallel(seeds, identity=args.identity)
     wall = time.monotonic() - started

@@ -29,16 +29,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from random import Random
 
-from tests.sim.cluster import ClusterSpec
+from tests.sim.cluster import ClusterSpec, node_key, node_public_key
 from tests.sim.invariants import Checker, Stats, Violation, stable_after
 from tests.sim.simulator import NetParams, Sim, SimParams
 from vipd.config import PROFILES
+from vipd.membership import wire
 from vipd.memo import Memo
+from vipd.placement.overrides import MAX_VERSION_STEP, Overrides
 
 #: Longest extra tail while hold-downs run out (8 x holddown is the longest hold-down).
 MAX_EXTENSION = 8 * PROFILES["lan"].holddown + 10.0
@@ -205,10 +207,11 @@ def make_schedule(seed: int) -> Schedule:
 
 
 def make_identity_schedule(seed: int) -> Schedule:
-    """`make_schedule(seed)`, then, once its faults are over and the cluster is stable, a
-    second machine running a member's config and key (a cloned VM): it starts, runs for a
-    while, and goes. Drawn from a stream of its own, so the plain seeds keep their schedules.
-    At most one instance may serve while both run (issue 11 item 6)."""
+    """`make_schedule(seed)`, then, once its faults are over and the cluster is stable, two
+    identity faults: a second machine running a member's config and key (a cloned VM) that
+    starts, runs for a while and goes (at most one instance may serve, issue 11 item 6);
+    then a compromised member forging operator tables (nobody may follow them, item 2).
+    Drawn from a stream of its own, so the plain seeds keep their schedules."""
     sched = make_schedule(seed)
     rng = Random(f"identity {seed}")
     unit = sched.spec.timing.dead_after / PROFILES["lan"].dead_after
@@ -220,8 +223,40 @@ def make_identity_schedule(seed: int) -> Schedule:
         Action(round(start, 4), f"{clone} starts with {name}'s config", _call(_clone, name, clone)),
         Action(round(gone, 4), f"machine down {clone}", _call(_clone_gone, clone)),
     ]
-    sched.quiet_from = gone + 0.1 * unit
+    # Then a compromised member: its key signs heartbeats that carry a forged operator table
+    # (in another member's name, or in its own but far past the version step), draining
+    # everyone else. Every other node must refuse it, so nothing moves.
+    rogue = rng.choice(list(sched.spec.names))
+    victim = rng.choice([n for n in sched.spec.names if n != rogue])
+    forge = rng.choice(["another's name", "version jump"])
+    t = gone + stable_after(sched.spec.timing) + rng.uniform(0.0, 2.0) * unit
+    until = t + rng.uniform(1.0, 6.0) * unit
+    sched.actions += [
+        Action(
+            round(t, 4),
+            f"{rogue} forges a table ({forge})",
+            _call(_forge, rogue, victim if forge == "another's name" else rogue),
+        ),
+        Action(round(until, 4), f"{rogue} stops forging", _do("tamper", rogue, None)),
+    ]
+    sched.quiet_from = until + 0.1 * unit
     return sched
+
+
+def _forge(sim: Sim, rogue: str, issuer: str) -> None:
+    """`rogue`'s datagrams from now on carry a table that drains every other member, issued
+    by `issuer` (another member: a forged signature) or by itself past MAX_VERSION_STEP."""
+    cluster = sim.nodes[rogue].config.cluster
+    others = tuple(sorted(n for n in sim.spec.names if n != rogue))
+    key, public = node_key(rogue), node_public_key(rogue)
+
+    def edit(data: bytes) -> bytes:
+        hb = wire.decode_body(wire.parse_envelope(data))
+        step = 1 if issuer != rogue else MAX_VERSION_STEP + 1
+        table = Overrides(version=hb.overrides.version + step, issuer=issuer, drained=others)
+        return wire.encode(replace(hb, overrides=table.signed(key, cluster)), key, public)
+
+    sim.tamper(rogue, edit)
 
 
 def _clone(sim: Sim, name: str, clone: str) -> None:

@@ -255,6 +255,7 @@ class Sim:
         self.kernel_index: dict[str, set[str]] = {}
         self._texts: dict[int, dict[str, tuple[str, str, IPInterface]]] = {}
         self.cuts: set[tuple[str, str]] = set()
+        self._tamper: dict[str, Callable[[bytes], bytes]] = {}
         self.background_loss = self.net.loss
         self.counters: dict[str, int] = {"delivered": 0, "lost": 0, "cut": 0, "rcvbuf_drops": 0}
         # Announcement frames (GARP/NA) per address text: (time, node), for the heal checks,
@@ -454,7 +455,19 @@ class Sim:
 
     # --- the network -----------------------------------------------------------------------
 
+    def tamper(self, name: str, edit: Callable[[bytes], bytes] | None) -> None:
+        """From now on every datagram `name` sends goes through `edit` (None: stop). A
+        compromised member: its own daemon stays honest, its key signs what `edit` makes."""
+        if edit is None:
+            self._tamper.pop(name, None)
+        else:
+            self._tamper[name] = edit
+        self.log(name, "TAMPER " + ("off" if edit is None else "on"))
+
     def _broadcast(self, sender: SimNode, data: bytes) -> None:
+        edit = self._tamper.get(sender.name)
+        if edit is not None:
+            data = edit(data)
         net, rng, now = self.net, self.rng, self.now
         for name in self.order:
             if name == sender.name:
