@@ -254,6 +254,7 @@ def test_a_flood_of_junk_is_counted_and_costs_little_cpu(
             *(b"VIPD" + os.urandom(n) for n in (10, 100, 600, 1300)),
         )
     ]
+    interval = load_config(cluster.config_path("n1")).timing.heartbeat_interval
     status = {n: cluster.status(n) for n in cluster.nodes}
     cpu0 = {n: _cpu_seconds(cluster.pids[n]) for n in cluster.nodes}
     batch = FLOOD_RATE // 100  # every 10 ms
@@ -283,8 +284,17 @@ def test_a_flood_of_junk_is_counted_and_costs_little_cpu(
         drops = after["counters"].get("rx_kernel_drops", 0) - was["counters"].get(
             "rx_kernel_drops", 0
         )
-        # Every datagram is accounted for: rejected by reason, or dropped by the kernel.
-        assert counted + drops == sent, (n, counted, drops, sent, after["counters"]["rejected"])
+        # Every datagram is accounted for: rejected by reason, or dropped by the kernel. The
+        # kernel's count also holds any genuine heartbeat it dropped (one socket buffer for
+        # all), so the sum may pass `sent` by at most what the peers sent meanwhile.
+        peers_sent = (len(cluster.nodes) - 1) * elapsed / interval * 1.2
+        assert sent <= counted + drops <= sent + peers_sent, (
+            n,
+            counted,
+            drops,
+            sent,
+            after["counters"]["rejected"],
+        )
         reasons: dict[str, Any] = after["counters"]["rejected"]
         # Most of what was read was dropped unparsed, by the per-source budget.
         assert reasons["rate_limited"] > 0.9 * (sent - drops), (n, reasons, drops)
