@@ -15,6 +15,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -51,7 +52,7 @@ from vipd.node import orders as o
 from vipd.node.node import STOP_GRACE, CommandRejected, Node
 from vipd.node.reload import ReloadRefused
 from vipd.node.status import Status
-from vipd.placement.overrides import Overrides, OverridesError
+from vipd.placement.overrides import OverridesError
 
 log = structlog.get_logger("vipd")
 
@@ -101,10 +102,9 @@ class Daemon:
         self._timers: dict[o.TimerKey, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._kernel: asyncio.Task[None] | None = None  # the one netlink job in flight
-        self._saving: asyncio.Task[None] | None = None
-        self._unsaved: Overrides | None = None
-        self._saving_seen: asyncio.Task[None] | None = None
-        self._unsaved_seen: dict[str, tuple[int, int]] | None = None
+        # state_dir writes, one writer per file: the newest value still waiting, and the task.
+        self._unsaved: dict[str, tuple[Callable[[Path, Any], None], object]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
         self._limited = RateLimitedLog(log, interval=10.0)
         self._reconcile_now = asyncio.Event()
         self._exit = asyncio.Event()
@@ -183,10 +183,9 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for handle in self._timers.values():
             handle.cancel()
-        for saving in (self._saving, self._saving_seen):  # the last word reaches the disk
-            if saving is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(saving), SAVE_GRACE)
+        for writer in self._writers.values():  # the last word reaches the disk, if it can
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(writer), SAVE_GRACE)
         if self.transport is not None:
             self.transport.close()
         await self.control.close()
@@ -230,51 +229,40 @@ class Daemon:
                     self.hooks.fire(event, group, addresses, interface, reason)
                 case o.OpenTransport():
                     self._open_transport()
-                case o.SaveOverrides(table) if self.config.state_dir is not None:
-                    self._save(table)
-                case o.SaveIncarnation(incarnation) if self.config.state_dir is not None:
-                    self._supervisor.spawn(self._save_incarnation(incarnation), "incarnation")
-                case o.SaveSeen(seen) if self.config.state_dir is not None:
-                    self._unsaved_seen = {name: (inc, sent) for name, inc, sent in seen}
-                    if self._saving_seen is None or self._saving_seen.done():
-                        self._saving_seen = self._supervisor.spawn(self._save_seen(), "seen")
+                # The table lives on in memory and in heartbeats if it cannot be written;
+                # without the incarnation the next start may be refused as a replay, and
+                # without what peers sent a restart trusts captures for a while: say so.
+                case o.SaveOverrides(table):
+                    self._save("overrides_not_saved", save_overrides, table)
+                case o.SaveIncarnation(incarnation):
+                    self._save("incarnation_not_saved", record_incarnation, incarnation)
+                case o.SaveSeen(seen):
+                    record = {name: (inc, sent) for name, inc, sent in seen}
+                    self._save("peers_seen_not_saved", save_seen, record)
                 case o.Notify(text):
                     systemd.notify(text)
                 case o.Exit():
                     self._exit.set()
 
-    def _save(self, table: Overrides) -> None:
-        """Write the operator table off the loop (fsync on a slow disk must not delay a
-        heartbeat); one writer, and only the newest table still waiting is written."""
-        self._unsaved = table
-        if self._saving is None or self._saving.done():
-            self._saving = self._supervisor.spawn(self._save_loop(), "save")
+    def _save(self, failed: str, write: Callable[[Path, Any], None], value: object) -> None:
+        """Write `value` into state_dir off the loop (fsync on a slow disk must not delay a
+        heartbeat): one writer per kind, and only the newest value still waiting is
+        written. A failure is logged as `failed`; the daemon runs on."""
+        if self.config.state_dir is None:
+            return
+        self._unsaved[failed] = (write, value)
+        writer = self._writers.get(failed)
+        if writer is None or writer.done():
+            self._writers[failed] = self._supervisor.spawn(self._write(failed), "save")
 
-    async def _save_loop(self) -> None:
+    async def _write(self, failed: str) -> None:
         assert self.config.state_dir is not None
-        while self._unsaved is not None:
-            table, self._unsaved = self._unsaved, None
+        while (job := self._unsaved.pop(failed, None)) is not None:
+            write, value = job
             try:
-                await asyncio.to_thread(save_overrides, self.config.state_dir, table)
-            except StateError as e:  # the table lives on in memory and in heartbeats
-                self._limited.error("overrides_not_saved", key="save", error=str(e))
-
-    async def _save_seen(self) -> None:
-        """One writer, off the loop; only the newest record still waiting is written."""
-        assert self.config.state_dir is not None
-        while self._unsaved_seen is not None:
-            seen, self._unsaved_seen = self._unsaved_seen, None
-            try:
-                await asyncio.to_thread(save_seen, self.config.state_dir, seen)
-            except StateError as e:  # a restart then trusts captures for a while: say so
-                self._limited.error("peers_seen_not_saved", key="seen", error=str(e))
-
-    async def _save_incarnation(self, incarnation: int) -> None:
-        assert self.config.state_dir is not None
-        try:
-            await asyncio.to_thread(record_incarnation, self.config.state_dir, incarnation)
-        except StateError as e:  # the next start may then be refused as a replay: say so
-            self._limited.error("incarnation_not_saved", key="incarnation", error=str(e))
+                await asyncio.to_thread(write, self.config.state_dir, value)
+            except StateError as e:
+                self._limited.error(failed, key=failed, error=str(e))
 
     def _log(self, order: o.Log) -> None:
         if order.limit_key is not None and order.level in ("warning", "error"):
