@@ -27,28 +27,26 @@ def next_incarnation(state_dir: Path | None, wall: float) -> int:
     candidate = int(wall * 1000)
     if state_dir is None:
         return candidate
-    path = state_dir / FILE
-    try:
-        previous = int(path.read_text().strip())
-    except (OSError, ValueError):
-        previous = 0
-    if not 0 <= previous < MAX_INCARNATION:
-        previous = 0  # damaged: one more would not fit the wire's u64 (a crash loop)
-    incarnation = max(candidate, previous + 1)
-    _write_atomic(path, f"{incarnation}\n")
+    incarnation = max(candidate, _recorded(state_dir) + 1)
+    _write_atomic(state_dir / FILE, f"{incarnation}\n")
     return incarnation
 
 
 def record_incarnation(state_dir: Path, incarnation: int) -> None:
     """Raise the recorded incarnation to `incarnation` (a run that re-incarnated), never
     lower it. Raises StateError."""
-    path = state_dir / FILE
+    if _recorded(state_dir) < incarnation < MAX_INCARNATION:
+        _write_atomic(state_dir / FILE, f"{incarnation}\n")
+
+
+def _recorded(state_dir: Path) -> int:
+    """The incarnation in `state_dir`; 0 if there is none, or it is unreadable or damaged
+    (at or past MAX_INCARNATION one more would not fit the wire's u64: a crash loop)."""
     try:
-        previous = int(path.read_text().strip())
+        previous = int((state_dir / FILE).read_text().strip())
     except (OSError, ValueError):
-        previous = 0
-    if previous < incarnation < MAX_INCARNATION:
-        _write_atomic(path, f"{incarnation}\n")
+        return 0
+    return previous if 0 <= previous < MAX_INCARNATION else 0
 
 
 OVERRIDES_FILE = "overrides.json"
