@@ -261,10 +261,11 @@ class MembershipCore:
         if other != self._other:
             self.counters.inc("duplicate_nodes")
             self._events.append(DuplicateNode(env.incarnation, nonce.hex(), source))
-        if self._other_heard is None:
-            self._pending_burst = max(self._pending_burst, 1)  # the flag changed
+        started = self._other_heard is None
         self._other, self._other_heard = other, now
-        self._update_view()
+        if started:  # the flag and our own view change: once, not per datagram
+            self._pending_burst = max(self._pending_burst, 1)
+            self._update_view()
         raise DecodeError(Reject.DUPLICATE_NODE, f"incarnation {env.incarnation} from {source}")
 
     def seen(self) -> dict[str, tuple[int, int]]:
@@ -304,8 +305,9 @@ class MembershipCore:
         peer = self.peers.get(env.sender)
         if peer is None:
             raise DecodeError(Reject.UNKNOWN_SENDER, f"{env.sender!r} is not in the roster")
+        monitored = peer.state in MONITORED
         if (env.incarnation, env.seq) <= (peer.incarnation, peer.seq) and not _rolled_back(
-            env, peer
+            env, peer.incarnation, monitored=monitored
         ):
             # Ed25519 signatures are deterministic: the signature of a datagram we accepted
             # lately names it. The first copy of each is the network duplicating a frame, and
@@ -319,14 +321,16 @@ class MembershipCore:
                 f"({env.incarnation}, {env.seq}) not after ({peer.incarnation}, {peer.seq})",
             )
         before = self._seen_before.get(env.sender)
-        if before is not None and (env.incarnation, env.send_time_ms) <= before:
-            rolled_back = env.flags & Flag.EPHEMERAL and env.incarnation < before[0]
-            if not rolled_back:  # (see _rolled_back: such a peer's incarnation may go back)
-                raise DecodeError(
-                    Reject.REPLAY,
-                    f"({env.incarnation}, sent {env.send_time_ms} ms) not after"
-                    f" {before} taken before this node restarted",
-                )
+        if (
+            before is not None
+            and (env.incarnation, env.send_time_ms) <= before
+            and not _rolled_back(env, before[0], monitored=monitored)
+        ):
+            raise DecodeError(
+                Reject.REPLAY,
+                f"({env.incarnation}, sent {env.send_time_ms} ms) not after"
+                f" {before} taken before this node restarted",
+            )
         skew = env.send_time_ms / 1000.0 - wall
         if abs(skew) > self.timing.freshness_window:
             raise DecodeError(Reject.STALE, f"send time {skew:+.1f} s from ours")
@@ -834,18 +838,15 @@ class MembershipCore:
             self.view = view
 
 
-def _rolled_back(env: wire.Envelope, peer: Peer) -> bool:
-    """Whether a datagram with an older incarnation than `peer`'s may still be genuine: its
-    sender runs without state_dir (EPHEMERAL, checked with the signature next), so its
-    incarnation went back with its clock, and we have lost that peer, so no run of it is
-    alive that a replay could roll back. Such a replay needs a capture from an earlier run
-    still within freshness_window: the peer must have run twice in that window and then
-    died (docs/security.md)."""
-    return (
-        bool(env.flags & Flag.EPHEMERAL)
-        and env.incarnation < peer.incarnation
-        and peer.state not in MONITORED
-    )
+def _rolled_back(env: wire.Envelope, last: int, *, monitored: bool) -> bool:
+    """Whether a datagram with an older incarnation than the `last` one taken from its
+    sender (this run, or an earlier run of ours) may still be genuine: the sender runs
+    without state_dir (EPHEMERAL, checked with the signature next), so its incarnation went
+    back with its clock, and we do not monitor it, so no run of it is alive that a replay
+    could roll back. Such a replay needs a capture from an earlier run still within
+    freshness_window: the peer must have run twice in that window and then died
+    (docs/security.md)."""
+    return bool(env.flags & Flag.EPHEMERAL) and env.incarnation < last and not monitored
 
 
 def _view_entry(p: Peer) -> tuple[int, int, bool, bool] | None:
